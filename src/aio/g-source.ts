@@ -1,0 +1,174 @@
+/**
+ * The host-loop drive: contexts attached to Node's event loop, QEMU's GSource (S45).
+ *
+ * An attached context is dispatched (aio_dispatch semantics, S102) at most once per Node
+ * loop turn, from setImmediate, never from a microtask loop: `aio_notify` schedules it;
+ * the earliest timer on an enabled, non-manual clock arms one setTimeout; workers wake it
+ * through Atomics.waitAsync on the wake word. Node is kept alive only while there is
+ * work: a pending dispatch, an armed timer, an outstanding pool request or a coroutine
+ * parked on a promise. Busy-polling never happens here.
+ */
+import type { AioContext } from './aio-context.ts';
+import {
+  aio_notify_accept,
+  drivenContexts,
+  notifyHooks,
+  qemu_get_aio_context,
+} from './aio-context.ts';
+import { realtimeNs } from './clock.ts';
+import { QemuError } from './error.ts';
+import { aio_dispatch, aio_timers_deadline } from './aio-poll.ts';
+import { parkedCoroutines } from './aio-wait.ts';
+import { wakeSeq, wakeWord } from './wake.ts';
+
+const attachedContexts = new Set<AioContext>();
+const pending = new Set<AioContext>();
+let immediate: NodeJS.Immediate | null = null;
+let timer: NodeJS.Timeout | null = null;
+let timerAt = -1;
+let keepAlive: NodeJS.Timeout | null = null;
+let waitAsyncArmed = false;
+
+/** The source `aio_get_g_source` hands out: attach to / detach from Node's loop. */
+export interface AioGSource {
+  /** Starts dispatching the context from Node's loop. Idempotent. */
+  attach(): void;
+  /** Detaches the context; `aio_poll` on it keeps working. */
+  destroy(): void;
+}
+
+class AioContextGSource implements AioGSource {
+  constructor(private readonly ctx: AioContext) {}
+  attach(): void {
+    const ctx = this.ctx;
+    if (ctx.finalized) throw new QemuError(`aio_get_g_source: context '${ctx.name}' was finalized`);
+    if (ctx.attached) return;
+    ctx.attached = true;
+    attachedContexts.add(ctx);
+    drivenContexts.add(ctx);
+    hostKick(ctx);
+  }
+  destroy(): void {
+    const ctx = this.ctx;
+    ctx.attached = false;
+    attachedContexts.delete(ctx);
+    pending.delete(ctx);
+    if (!ctx.isIOThread && ctx !== qemu_get_aio_context()) drivenContexts.delete(ctx);
+    ctx.gsource = null;
+    hostLoopUpdate();
+  }
+}
+
+/**
+ * The context as a source for Node's event loop. QEMU: `aio_get_g_source`.
+ * Surprise: nothing runs from Node's loop until `attach()`; a context may be attached and
+ * still be polled synchronously.
+ */
+export function aio_get_g_source(ctx: AioContext): AioGSource {
+  return (ctx.gsource ??= new AioContextGSource(ctx)) as AioGSource;
+}
+
+/**
+ * Attaches the main context to Node's event loop. QEMU: `qemu_init_main_loop`.
+ * Idempotent. Needed for BHs, timers and coroutines of the main context to run without
+ * an explicit aio_poll.
+ */
+export function qemu_init_main_loop(): void {
+  aio_get_g_source(qemu_get_aio_context()).attach();
+}
+
+/** @internal an attached context has something for Node's loop. */
+function hostKick(ctx: AioContext): void {
+  pending.add(ctx);
+  if (immediate === null) immediate = setImmediate(hostDispatch);
+}
+
+function hostDispatch(): void {
+  immediate = null;
+  let error: unknown = null;
+  let failed = false;
+  const list = [...pending];
+  pending.clear();
+  for (const ctx of list) {
+    if (!ctx.attached || ctx.finalized) continue;
+    try {
+      aio_notify_accept(ctx);
+      aio_dispatch(ctx);
+    } catch (e) {
+      // Whatever was left queued runs in the next turn; the first error surfaces.
+      if (!failed) error = e;
+      failed = true;
+      hostKick(ctx);
+    }
+  }
+  hostLoopUpdate();
+  if (failed) throw error;
+}
+
+function onTimer(): void {
+  timer = null;
+  timerAt = -1;
+  for (const ctx of attachedContexts) if (aio_timers_deadline(ctx, true) === 0) pending.add(ctx);
+  if (pending.size !== 0) hostDispatch();
+  else hostLoopUpdate();
+}
+
+function hasOutstanding(): boolean {
+  for (const ctx of attachedContexts) {
+    if (ctx.thread_pool !== null && ctx.thread_pool.outstanding() > 0) return true;
+  }
+  return false;
+}
+
+function armWaitAsync(): void {
+  if (waitAsyncArmed) return;
+  const seq = wakeSeq();
+  const r = Atomics.waitAsync(wakeWord, 0, seq);
+  waitAsyncArmed = true;
+  const fire = () => {
+    waitAsyncArmed = false;
+    for (const ctx of attachedContexts) {
+      if (ctx.thread_pool !== null && ctx.thread_pool.ringPending()) hostKick(ctx);
+    }
+    hostLoopUpdate();
+  };
+  if (r.async) r.value.then(fire);
+  else queueMicrotask(fire);
+}
+
+/**
+ * @internal Re-arms the timer and the worker watch and sets whether Node is kept alive.
+ * Called after every host dispatch and whenever outstanding work or parked coroutines
+ * change (the thread pool and the bridges call it).
+ */
+export function hostLoopUpdate(): void {
+  let next = -1;
+  for (const ctx of attachedContexts) {
+    const t = aio_timers_deadline(ctx, true);
+    if (t >= 0 && (next < 0 || t < next)) next = t;
+  }
+  if (next < 0) {
+    if (timer !== null) {
+      clearTimeout(timer);
+      timer = null;
+      timerAt = -1;
+    }
+  } else {
+    const at = realtimeNs() + next;
+    if (timer === null || at < timerAt - 500_000) {
+      if (timer !== null) clearTimeout(timer);
+      timerAt = at;
+      timer = setTimeout(onTimer, Math.ceil(next / 1e6));
+    }
+  }
+  const outstanding = hasOutstanding();
+  if (outstanding) armWaitAsync();
+  const need = outstanding || parkedCoroutines.size > 0;
+  if (need && keepAlive === null) keepAlive = setInterval(() => {}, 1 << 30);
+  else if (!need && keepAlive !== null) {
+    clearInterval(keepAlive);
+    keepAlive = null;
+  }
+}
+
+notifyHooks.hostKick = hostKick;

@@ -1,0 +1,99 @@
+/**
+ * CoQueue: a FIFO of coroutines waiting for a condition. QEMU: util/qemu-coroutine-lock.c.
+ * No internal lock (S71): the lock passed to `qemu_co_queue_wait` protects the caller's
+ * condition, and one JS thread protects the queue itself.
+ */
+import {
+  CoroutineError,
+  coroutineWake,
+  qemu_coroutine_self,
+  qemu_coroutine_yield,
+  qemu_in_coroutine,
+  type Coroutine,
+  type CoroutineFn,
+} from './coroutine.ts';
+import { coMutexTryLock, qemu_co_mutex_lock, qemu_co_mutex_unlock, type CoMutex } from './co-mutex.ts';
+
+/** QEMU's `CoQueue`. `new CoQueue()` is empty. */
+export class CoQueue {
+  /** @internal */ head: Coroutine | null = null;
+  /** @internal */ tail: Coroutine | null = null;
+}
+
+/** @internal append at the tail (intrusive, through `co_queue_next`). */
+export function coQueuePush(q: CoQueue, co: Coroutine): void {
+  co.co_queue_next = null;
+  if (q.tail === null) q.head = co;
+  else q.tail.co_queue_next = co;
+  q.tail = co;
+}
+
+/** @internal remove and return the head, or null. */
+export function coQueuePop(q: CoQueue): Coroutine | null {
+  const co = q.head;
+  if (co !== null) {
+    q.head = co.co_queue_next;
+    if (q.head === null) q.tail = null;
+    co.co_queue_next = null;
+  }
+  return co;
+}
+
+/** Empties the queue (QEMU: `qemu_co_queue_init`). Waiters on it are forgotten, not woken. */
+export function qemu_co_queue_init(q: CoQueue): void {
+  q.head = q.tail = null;
+}
+
+/**
+ * Waits at the tail of `q` until woken, releasing `lock` meanwhile. QEMU:
+ * `qemu_co_queue_wait`. Surprise: it always yields (no fast path), and re-taking `lock`
+ * after the wake may yield again, so re-check the condition in a loop (S72).
+ */
+export function* qemu_co_queue_wait(q: CoQueue, lock?: CoMutex | null): CoroutineFn<void> {
+  const self = qemu_coroutine_self();
+  if (!qemu_in_coroutine()) throw new CoroutineError('Co-routine is yielding to no one');
+  coQueuePush(q, self);
+  if (lock) qemu_co_mutex_unlock(lock);
+  yield* qemu_coroutine_yield();
+  if (lock) yield* qemu_co_mutex_lock(lock);
+}
+
+/**
+ * Wakes the oldest waiter; true iff there was one. QEMU: `qemu_co_queue_next`.
+ * Surprise: from a coroutine in the same context the waiter runs only when the caller
+ * yields or ends; from plain code it runs before this returns; another context: scheduled.
+ */
+export function qemu_co_queue_next(q: CoQueue): boolean {
+  const co = coQueuePop(q);
+  if (co === null) return false;
+  coroutineWake(co);
+  return true;
+}
+
+/** Wakes every waiter, oldest first, with `qemu_co_queue_next`'s timing. QEMU: `qemu_co_queue_restart_all`. */
+export function qemu_co_queue_restart_all(q: CoQueue): void {
+  let co: Coroutine | null;
+  while ((co = coQueuePop(q)) !== null) coroutineWake(co);
+}
+
+/**
+ * Like `qemu_co_queue_next`, but drops `lock` around the wake so a waiter entered at once
+ * can take it. QEMU: `qemu_co_enter_next`. Meant for plain (non-coroutine) callers.
+ * Surprise: re-taking a CoMutex here cannot wait, so it throws if the woken waiter
+ * (or anyone) still holds it; use `qemu_co_queue_next` from coroutines.
+ */
+export function qemu_co_enter_next(q: CoQueue, lock?: CoMutex | null): boolean {
+  const co = coQueuePop(q);
+  if (co === null) return false;
+  if (lock) qemu_co_mutex_unlock(lock);
+  coroutineWake(co);
+  if (lock && !coMutexTryLock(lock)) {
+    throw new CoroutineError('qemu_co_enter_next: the CoMutex is contended; it cannot be re-taken outside a coroutine_fn');
+  }
+  return true;
+}
+
+/** True iff nobody waits on `q`. QEMU: `qemu_co_queue_empty`. */
+export function qemu_co_queue_empty(q: CoQueue): boolean {
+  return q.head === null;
+}

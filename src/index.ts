@@ -1,0 +1,156 @@
+/**
+ * aioco's public API: everything users import. Names and argument orders follow
+ * ../shared/API.md; QEMU's concepts keep QEMU's names.
+ */
+
+// Coroutines
+export {
+  Coroutine,
+  CoroutineError,
+  qemu_coroutine_create,
+  qemu_coroutine_enter,
+  qemu_aio_coroutine_enter,
+  qemu_coroutine_enter_if_inactive,
+  qemu_coroutine_yield,
+  qemu_coroutine_self,
+  qemu_in_coroutine,
+  qemu_coroutine_entered,
+  qemu_coroutine_backtrace,
+} from './coroutine/coroutine.ts';
+export type { CoroutineFn, CoroutineEntry, CoroutineYield } from './coroutine/coroutine.ts';
+export {
+  CoQueue,
+  qemu_co_queue_init,
+  qemu_co_queue_wait,
+  qemu_co_queue_next,
+  qemu_co_queue_restart_all,
+  qemu_co_enter_next,
+  qemu_co_queue_empty,
+} from './coroutine/co-queue.ts';
+export {
+  CoMutex,
+  qemu_co_mutex_init,
+  qemu_co_mutex_lock,
+  qemu_co_mutex_unlock,
+  qemu_co_mutex_assert_locked,
+} from './coroutine/co-mutex.ts';
+export {
+  CoRwlock,
+  qemu_co_rwlock_init,
+  qemu_co_rwlock_rdlock,
+  qemu_co_rwlock_wrlock,
+  qemu_co_rwlock_upgrade,
+  qemu_co_rwlock_unlock,
+  qemu_co_rwlock_downgrade,
+} from './coroutine/co-rwlock.ts';
+export {
+  QemuCoSleep,
+  qemu_co_sleep_ns,
+  qemu_co_sleep_ns_wakeable,
+  qemu_co_sleep,
+  qemu_co_sleep_wake,
+} from './aio/co-sleep.ts';
+
+// AioContext, bottom halves, notifiers
+export {
+  AioContext,
+  qemu_get_aio_context,
+  qemu_get_current_aio_context,
+  aio_context_new,
+  aio_context_ref,
+  aio_context_unref,
+  aio_context_acquire,
+  aio_context_release,
+  aio_context_set_poll_params,
+  aio_notify,
+  aio_notify_accept,
+} from './aio/aio-context.ts';
+export {
+  QEMUBH,
+  aio_bh_new,
+  aio_bh_schedule_oneshot,
+  qemu_bh_schedule,
+  qemu_bh_schedule_idle,
+  qemu_bh_cancel,
+  qemu_bh_delete,
+  aio_bh_poll,
+} from './aio/bh.ts';
+export type { QEMUBHFunc } from './aio/bh.ts';
+export { aio_poll, aio_prepare, aio_pending, aio_dispatch, aio_compute_timeout } from './aio/aio-poll.ts';
+export { aio_get_g_source, qemu_init_main_loop } from './aio/g-source.ts';
+export type { AioGSource } from './aio/g-source.ts';
+export {
+  EventNotifier,
+  event_notifier_init,
+  event_notifier_get_fd,
+  event_notifier_set,
+  event_notifier_test_and_clear,
+  event_notifier_cleanup,
+} from './aio/event-notifier.ts';
+export {
+  aio_set_event_notifier,
+  aio_set_event_notifier_poll,
+  aio_set_fd_handler,
+  aio_set_fd_poll,
+  aio_disable_external,
+  aio_enable_external,
+  aio_external_disabled,
+  aio_node_check,
+} from './aio/fd-handler.ts';
+export type { IOHandler, AioPollFn } from './aio/fd-handler.ts';
+
+// Timers and clocks
+export {
+  QEMU_CLOCK_REALTIME,
+  QEMU_CLOCK_VIRTUAL,
+  QEMU_CLOCK_HOST,
+  QEMU_CLOCK_VIRTUAL_RT,
+  SCALE_NS,
+  SCALE_US,
+  SCALE_MS,
+  qemu_clock_get_ns,
+  qemu_clock_get_us,
+  qemu_clock_get_ms,
+  qemu_clock_enable,
+  qemu_clock_set_manual,
+  qemu_clock_advance_virtual_time,
+  qemu_soonest_timeout,
+  qemu_timeout_ns_to_ms,
+} from './aio/clock.ts';
+export type { QEMUClockType } from './aio/clock.ts';
+export {
+  QEMU_TIMER_ATTR_EXTERNAL,
+  QEMU_TIMER_ATTR_ALL,
+  QEMUTimer,
+  aio_timer_new,
+  aio_timer_new_with_attrs,
+  timer_mod,
+  timer_mod_ns,
+  timer_mod_anticipate,
+  timer_mod_anticipate_ns,
+  timer_del,
+  timer_free,
+  timer_pending,
+  timer_expired,
+  timer_expire_time_ns,
+} from './aio/timer.ts';
+export type { QEMUTimerCB } from './aio/timer.ts';
+
+// Moving coroutines between contexts, waiting, IOThreads
+export {
+  aio_co_schedule,
+  aio_co_wake,
+  aio_co_enter,
+  aio_co_reschedule_self,
+  qemu_coroutine_get_aio_context,
+} from './aio/co-schedule.ts';
+export { AIO_WAIT_WHILE, aio_wait_kick, aio_wait_bh_oneshot } from './aio/aio-wait.ts';
+export { IOThread, iothread_create, iothread_get_aio_context, iothread_destroy } from './aio/iothread.ts';
+export type { IOThreadOptions } from './aio/iothread.ts';
+
+// Bridges to promises and effection
+export { coAwait, coRun, coroutineOperation, useAioContext, useIOThread } from './aio/bridge.ts';
+
+// Errors
+export { QemuError, AioWaitError } from './aio/error.ts';
+export * from './aio/errno.ts';
