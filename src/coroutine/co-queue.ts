@@ -78,15 +78,17 @@ export function qemu_co_queue_restart_all(q: CoQueue): void {
 
 /**
  * Like `qemu_co_queue_next`, but drops `lock` around the wake so a waiter entered at once
- * can take it. QEMU: `qemu_co_enter_next`. Meant for plain (non-coroutine) callers.
- * Surprise: re-taking a CoMutex here cannot wait, so it throws if the woken waiter
- * (or anyone) still holds it; use `qemu_co_queue_next` from coroutines.
+ * can take it. QEMU: `qemu_co_enter_next`. QEMU meant it for plain callers holding a
+ * QemuMutex; aioco's only lock is a CoMutex, which only a coroutine can hold, so with a
+ * lock it must be called from the coroutine holding it.
+ * Surprise: re-taking the CoMutex here cannot wait, so it throws if the woken waiter
+ * (or anyone) took it meanwhile.
  */
 export function qemu_co_enter_next(q: CoQueue, lock?: CoMutex | null): boolean {
-  const co = coQueuePop(q);
-  if (co === null) return false;
+  if (q.head === null) return false;
+  // Unlock first: if it throws, the waiter stays queued.
   if (lock) qemu_co_mutex_unlock(lock);
-  coroutineWake(co);
+  coroutineWake(coQueuePop(q) as Coroutine);
   if (lock && !coMutexTryLock(lock)) {
     throw new CoroutineError('qemu_co_enter_next: the CoMutex is contended; it cannot be re-taken outside a coroutine_fn');
   }

@@ -159,11 +159,11 @@ function checkEnter(to: Coroutine): void {
     throw new CoroutineError(`qemu_aio_coroutine_enter: Co-routine was already scheduled in '${to.scheduled}'`);
   }
   if (to.caller !== null) throw new CoroutineError('Co-routine re-entered recursively');
-  if (to.terminated || to.gen === null) {
+  if (to.gen === null) {
     throw new CoroutineError(
-      to.gen === null
-        ? 'qemu_aio_coroutine_enter: cannot enter the leader pseudo-coroutine'
-        : `qemu_aio_coroutine_enter: Co-routine${coName(to)} has already terminated`,
+      to.terminated
+        ? `qemu_aio_coroutine_enter: Co-routine${coName(to)} has already terminated`
+        : 'qemu_aio_coroutine_enter: cannot enter the leader pseudo-coroutine',
     );
   }
 }
@@ -295,11 +295,6 @@ export function qemu_coroutine_entered(co: Coroutine): boolean {
   return co.caller !== null;
 }
 
-/** @internal the context of the last entry, null before the first (S64). */
-export function coroutineContext(co: Coroutine): CoContext | null {
-  return co.ctx;
-}
-
 /**
  * Where `co` was created and where it last yielded, recorded only under AIOCO_DEBUG=1
  * (aioco's own; QEMU has gdb scripts instead). Both are undefined otherwise.
@@ -316,17 +311,9 @@ export function coroutineDebugEnabled(): boolean {
   return debug;
 }
 
-/**
- * How a lock or queue wakes a coroutine. The aio layer installs `aio_co_wake` here; until
- * it is loaded, the fallback follows the same rules for a single context (S69b/c).
- */
-let wakeHook: (co: Coroutine) => void = (co) => {
-  if (current !== leader) {
-    if (current === co) throw new CoroutineError('Co-routine re-entered recursively');
-    coroutineQueueWakeup(current, co);
-  } else {
-    qemu_coroutine_enter(co);
-  }
+/** How a lock or queue wakes a coroutine: the aio layer installs `aio_co_wake` here. */
+let wakeHook: (co: Coroutine) => void = () => {
+  throw new Error('aioco: no AioContext layer loaded');
 };
 /** @internal for the aio layer. */
 export function coroutineSetWakeHook(fn: (co: Coroutine) => void): void {
