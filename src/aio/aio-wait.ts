@@ -83,15 +83,18 @@ function drive(primary: AioContext, pollPrimary: boolean, done: () => boolean, d
     const now = realtimeNs();
     if (deadline >= 0 && now >= deadline) return;
     if (progress) continue;
-    let sleepNs = deadline >= 0 ? deadline - now : -1;
+    // Whether anything could ever end the wait is decided by the contexts' own wake
+    // sources; the deadline only bounds how long to sleep.
+    let workNs = -1;
     let outstanding = false;
     for (const c of order) {
       if (c !== primary && c.dispatchDepth > 0) continue;
-      if (c !== primary || pollPrimary) sleepNs = qemu_soonest_timeout(sleepNs, aio_wait_timeout(c));
+      workNs = qemu_soonest_timeout(workNs, aio_wait_timeout(c));
       if (c.thread_pool !== null && c.thread_pool.outstanding() > 0) outstanding = true;
     }
+    if (workNs < 0 && !outstanding) neverEnds(order, primary);
+    const sleepNs = deadline >= 0 ? qemu_soonest_timeout(workNs, deadline - now) : workNs;
     if (sleepNs === 0) continue;
-    if (sleepNs < 0 && !outstanding) neverEnds(order, primary);
     wakeWait(seq, sleepNs < 0 ? Infinity : sleepNs / 1e6);
   }
 }

@@ -37,7 +37,12 @@ export function iothread_create(id: string, opts: IOThreadOptions = {}): IOThrea
   if (iothreads.has(id)) throw new QemuError(`Duplicate ID '${id}' for object`);
   const ctx = aio_context_new();
   ctx.name = id;
-  aio_context_set_poll_params(ctx, opts.poll_max_ns ?? 32768, opts.poll_grow ?? 0, opts.poll_shrink ?? 0);
+  try {
+    aio_context_set_poll_params(ctx, opts.poll_max_ns ?? 32768, opts.poll_grow ?? 0, opts.poll_shrink ?? 0);
+  } catch (e) {
+    aio_context_unref(ctx);
+    throw e;
+  }
   ctx.isIOThread = true;
   drivenContexts.add(ctx);
   const t = new IOThread(id, ctx);
