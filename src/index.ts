@@ -154,3 +154,36 @@ export { coAwait, coRun, coroutineOperation, useAioContext, useIOThread } from '
 // Errors
 export { QemuError, AioWaitError } from './aio/error.ts';
 export * from './aio/errno.ts';
+
+// Thread pool and AIOCBs
+export { BlockAIOCB, qemu_aio_get, qemu_aio_ref, qemu_aio_unref, qemu_aio_count_live } from './aio/aiocb.ts';
+export type { AIOCBInfo, BlockCompletionFunc } from './aio/aiocb.ts';
+export {
+  ThreadPool,
+  ThreadPoolElement,
+  aio_get_thread_pool,
+  thread_pool_func,
+  thread_pool_submit_aio,
+  thread_pool_submit_co,
+  thread_pool_submit,
+  thread_pool_update_params,
+  thread_pool_preadv,
+  thread_pool_pwritev,
+  thread_pool_fsync,
+  thread_pool_fdatasync,
+  thread_pool_ftruncate,
+  thread_pool_fstat_size,
+  thread_pool_write_zeroes,
+  thread_pool_nop,
+} from './aio/thread-pool.ts';
+export type {
+  ThreadPoolFunc,
+  ThreadPoolRwArg,
+  ThreadPoolFdArg,
+  ThreadPoolTruncateArg,
+  ThreadPoolZeroesArg,
+} from './aio/thread-pool.ts';
+export { qemu_memalign, qemu_vfree } from './aio/guest-memory.ts';
+export { bdrv_aio_cancel, bdrv_aio_cancel_async } from './block/aiocb.ts';
+export { qemu_blockalign } from './block/blockalign.ts';
+export type { BlockAlignSource } from './block/blockalign.ts';

@@ -20,10 +20,6 @@ import { TimerList, timerlist_due_before } from './timer.ts';
  * @internal
  */
 export interface AioContextPool {
-  /** Moves finished requests from the ring to the completion BH; true if any. */
-  drain(): boolean;
-  /** True if the ring holds finished requests not yet drained. */
-  ringPending(): boolean;
   /** Requests submitted and not yet completed (their callbacks not yet run). */
   outstanding(): number;
   /** Called on the context's last unref; throws if requests are outstanding (S2). */
@@ -84,6 +80,16 @@ export const liveContexts = new Set<AioContext>();
 export const drivenContexts = new Set<AioContext>();
 
 let mainContext: AioContext | null = null;
+
+/**
+ * The process-wide completion ring of the thread pool (one for all pools): `drain` moves
+ * finished requests to their pools' completion BHs (which notifies those contexts).
+ * Installed by thread-pool.ts when it is loaded. @internal
+ */
+export const poolHooks: { ringPending: () => boolean; drain: () => boolean } = {
+  ringPending: () => false,
+  drain: () => false,
+};
 
 /** Set by aio-context users that must act on notify (the host-loop drive). @internal */
 export const notifyHooks: { hostKick: (ctx: AioContext) => void } = { hostKick: () => {} };

@@ -4,7 +4,7 @@
  */
 import { coroutineSwapAmbientContext } from '../coroutine/coroutine.ts';
 import type { AioContext } from './aio-context.ts';
-import { aio_notify_accept } from './aio-context.ts';
+import { aio_notify_accept, poolHooks } from './aio-context.ts';
 import { aio_bh_poll, aio_compute_bh_timeout } from './bh.ts';
 import { QEMU_CLOCK_MAX, qemu_soonest_timeout, realtimeNs } from './clock.ts';
 import { QemuError } from './error.ts';
@@ -31,16 +31,16 @@ export function aio_timers_deadline(ctx: AioContext, skipManual: boolean): numbe
 }
 
 /**
- * How long a blocking aio_poll of `ctx` may sleep, in ns: 0 if a BH is scheduled or a
- * pool completion is waiting, 10 ms with only idle BHs, the first timer's distance, -1
+ * How long a blocking aio_poll of `ctx` may sleep, in ns: 0 if a BH is scheduled (pool
+ * completions waiting in the ring are moved to their BHs first), 10 ms with only idle BHs, the first timer's distance, -1
  * for infinite (S16, S17). QEMU: `aio_compute_timeout`.
  * Surprise: a manual-clock timer counts by its distance on that clock, but no wait ever
  * sleeps for it.
  */
 export function aio_compute_timeout(ctx: AioContext): number {
+  if (poolHooks.ringPending()) poolHooks.drain();
   const bh = aio_compute_bh_timeout(ctx);
   if (bh === 0) return 0;
-  if (ctx.thread_pool !== null && ctx.thread_pool.ringPending()) return 0;
   return qemu_soonest_timeout(bh, aio_timers_deadline(ctx, false));
 }
 
@@ -48,7 +48,6 @@ export function aio_compute_timeout(ctx: AioContext): number {
 export function aio_wait_timeout(ctx: AioContext): number {
   const bh = aio_compute_bh_timeout(ctx);
   if (bh === 0) return 0;
-  if (ctx.thread_pool !== null && ctx.thread_pool.ringPending()) return 0;
   return qemu_soonest_timeout(bh, aio_timers_deadline(ctx, true));
 }
 
@@ -154,7 +153,7 @@ export function aio_poll(ctx: AioContext, blocking: boolean): boolean {
     }
     aio_notify_accept(ctx);
     if (ctx.poll_max_ns !== 0) adjust_poll_ns(ctx, realtimeNs() - start);
-    if (ctx.thread_pool !== null) ctx.thread_pool.drain();
+    poolHooks.drain();
     if (ctx.bh_list !== null || ctx.bh_slice_list.length !== 0) {
       if (aio_bh_poll(ctx)) progress = true;
     }
@@ -186,7 +185,7 @@ export function aio_dispatch(ctx: AioContext): void {
   ctx.walking++;
   let walking = true;
   try {
-    if (ctx.thread_pool !== null) ctx.thread_pool.drain();
+    poolHooks.drain();
     aio_bh_poll(ctx);
     aio_dispatch_handlers(ctx);
     ctx.walking--;
@@ -213,10 +212,11 @@ export function aio_prepare(ctx: AioContext): boolean {
 }
 
 /**
- * True if a handler of `ctx` is ready to dispatch (or a pool completion is waiting).
- * QEMU: `aio_pending`. Surprise: BHs and timers are not counted, as in QEMU.
+ * True if a handler of `ctx` is ready to dispatch. QEMU: `aio_pending`. Pool completions
+ * waiting in the ring are moved to their BHs first. Surprise: BHs and timers are not
+ * counted, as in QEMU.
  */
 export function aio_pending(ctx: AioContext): boolean {
-  if (ctx.thread_pool !== null && ctx.thread_pool.ringPending()) return true;
+  if (poolHooks.ringPending()) poolHooks.drain();
   return aio_has_ready_handler(ctx);
 }

@@ -11,7 +11,7 @@
  */
 import type { Coroutine } from '../coroutine/coroutine.ts';
 import type { AioContext } from './aio-context.ts';
-import { drivenContexts, qemu_get_aio_context, qemu_get_current_aio_context } from './aio-context.ts';
+import { drivenContexts, poolHooks, qemu_get_aio_context, qemu_get_current_aio_context } from './aio-context.ts';
 import { aio_bh_schedule_oneshot, aio_has_scheduled_bh } from './bh.ts';
 import { qemu_soonest_timeout, realtimeNs } from './clock.ts';
 import { AioWaitError, QemuError } from './error.ts';
@@ -41,7 +41,7 @@ function hasWork(c: AioContext): boolean {
     c.notified ||
     aio_has_scheduled_bh(c) ||
     aio_has_ready_handler(c) ||
-    (c.thread_pool !== null && (c.thread_pool.ringPending() || c.thread_pool.outstanding() > 0)) ||
+    (c.thread_pool !== null && c.thread_pool.outstanding() > 0) ||
     aio_timers_deadline(c, true) >= 0
   );
 }
@@ -105,8 +105,11 @@ function drive(primary: AioContext, pollPrimary: boolean, done: () => boolean, d
  * BH) is due. Timers on a manual clock are never slept for.
  */
 export function aioBlockingWait(ctx: AioContext): void {
-  const ready = () =>
-    ctx.notified || aio_has_ready_handler(ctx) || (ctx.thread_pool !== null && ctx.thread_pool.ringPending());
+  const ready = () => {
+    // A worker's completion for this context notifies it once moved to its pool's BH.
+    if (poolHooks.ringPending()) poolHooks.drain();
+    return ctx.notified || aio_has_ready_handler(ctx);
+  };
   if (ready()) return;
   const own = aio_wait_timeout(ctx);
   drive(ctx, false, ready, own >= 0 ? realtimeNs() + own : -1);

@@ -13,6 +13,7 @@ import {
   aio_notify_accept,
   drivenContexts,
   notifyHooks,
+  poolHooks,
   qemu_get_aio_context,
 } from './aio-context.ts';
 import { realtimeNs } from './clock.ts';
@@ -127,9 +128,8 @@ function armWaitAsync(): void {
   waitAsyncArmed = true;
   const fire = () => {
     waitAsyncArmed = false;
-    for (const ctx of attachedContexts) {
-      if (ctx.thread_pool !== null && ctx.thread_pool.ringPending()) hostKick(ctx);
-    }
+    // Moving completions to their pools' BHs notifies (and so kicks) their contexts.
+    poolHooks.drain();
     hostLoopUpdate();
   };
   if (r.async) r.value.then(fire);

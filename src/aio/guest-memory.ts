@@ -1,0 +1,168 @@
+/**
+ * Guest memory: buffers for I/O, carved from large SharedArrayBuffer slabs so worker
+ * threads read and write them in place. QEMU: `qemu_memalign` / `qemu_vfree` (util/oslib).
+ *
+ * JS cannot see addresses, but O_DIRECT needs buffers aligned in real memory. Each slab
+ * has a "phase": the byte offset inside it at which real addresses are 4096-aligned. It
+ * is assumed 0 (large SharedArrayBuffers are page-aligned mappings on Linux) until an
+ * O_DIRECT probe measures it (`guestMemoryProbePhase`); views are handed out aligned
+ * relative to the phase.
+ */
+import { readSync } from 'node:fs';
+import { QemuError } from './error.ts';
+
+/** @internal a registered SharedArrayBuffer that workers know by id. */
+export interface Slab {
+  id: number;
+  sab: SharedArrayBuffer;
+  /** Offset at which real addresses are 4096-aligned (0 assumed until probed). */
+  phase: number;
+  phaseKnown: boolean;
+}
+
+const SLAB_SIZE = 4 << 20;
+const MAX_CLASS = 1 << 20;
+const MIN_CLASS = 512;
+/** Each slab's first 8 KiB are never handed out: the phase probe reads into them. */
+const PROBE_AREA = 8192;
+
+/** @internal every slab by id; workers receive each once. */
+export const slabs: Slab[] = [];
+const slabBySab = new WeakMap<SharedArrayBuffer, Slab>();
+/** @internal called for each new slab (the thread pool sends it to its workers). */
+export const slabHooks: { onNewSlab: (s: Slab) => void } = { onNewSlab: () => {} };
+
+interface Allocation {
+  slab: Slab;
+  offset: number;
+  cls: number; // size class, 0 for a dedicated slab
+  freed: boolean;
+}
+const allocations = new WeakMap<Uint8Array, Allocation>();
+const freeLists = new Map<number, { slab: Slab; offset: number }[]>();
+let current: Slab | null = null;
+let bump = 0;
+
+/**
+ * @internal The slab a SharedArrayBuffer belongs to, registering it on first sight, so
+ * any SharedArrayBuffer-backed view (not only ours) can travel to workers by id.
+ */
+export function slabOf(sab: SharedArrayBuffer): Slab {
+  let s = slabBySab.get(sab);
+  if (s === undefined) {
+    s = { id: slabs.length, sab, phase: 0, phaseKnown: false };
+    slabs.push(s);
+    slabBySab.set(sab, s);
+    slabHooks.onNewSlab(s);
+  }
+  return s;
+}
+
+const ownSlabs = new WeakSet<Slab>();
+function newSlab(size: number): Slab {
+  const s = slabOf(new SharedArrayBuffer(size));
+  ownSlabs.add(s);
+  return s;
+}
+
+function isPow2(n: number): boolean {
+  return n > 0 && (n & (n - 1)) === 0;
+}
+
+/** Offset >= `from` in `slab` whose real address is a multiple of `align`. */
+function alignUp(slab: Slab, from: number, align: number): number {
+  const rel = from - slab.phase;
+  const up = Math.ceil(rel / align) * align;
+  return up + slab.phase;
+}
+
+/**
+ * Allocates `size` bytes aligned to `alignment` in real memory, backed by a
+ * SharedArrayBuffer. QEMU: `qemu_memalign`. Release it with `qemu_vfree`.
+ * Surprises: the contents are not zeroed (a reused buffer holds old data, as in C); and
+ * `byteOffset` is not necessarily a multiple of `alignment`, since alignment is of the
+ * real address, which JS cannot see.
+ */
+export function qemu_memalign(alignment: number, size: number): Uint8Array {
+  if (!isPow2(alignment)) throw new QemuError(`qemu_memalign: alignment ${alignment} is not a power of two`);
+  if (!Number.isInteger(size) || size < 0) throw new QemuError(`qemu_memalign: invalid size ${size}`);
+  const need = Math.max(size, 1);
+  let cls = MIN_CLASS;
+  while (cls < need || cls < alignment) cls *= 2;
+  if (cls > MAX_CLASS) {
+    const slab = newSlab(PROBE_AREA + Math.ceil((need + Math.max(alignment, 4096)) / 4096) * 4096);
+    const offset = alignUp(slab, PROBE_AREA, alignment);
+    const view = new Uint8Array(slab.sab, offset, size);
+    allocations.set(view, { slab, offset, cls: 0, freed: false });
+    return view;
+  }
+  const list = freeLists.get(cls);
+  let slab: Slab;
+  let offset: number;
+  const reuse = list?.pop();
+  if (reuse !== undefined) {
+    slab = reuse.slab;
+    offset = reuse.offset;
+  } else {
+    if (current === null || alignUp(current, bump, cls) + cls > current.sab.byteLength) {
+      current = newSlab(SLAB_SIZE);
+      bump = PROBE_AREA;
+    }
+    slab = current;
+    offset = alignUp(slab, bump, cls);
+    bump = offset + cls;
+  }
+  const view = new Uint8Array(slab.sab, offset, size);
+  allocations.set(view, { slab, offset, cls, freed: false });
+  return view;
+}
+
+/**
+ * Returns memory from `qemu_memalign`/`qemu_blockalign` for reuse. QEMU: `qemu_vfree`.
+ * Freeing the same buffer twice throws; other views are ignored (as `qemu_vfree(NULL)`).
+ */
+export function qemu_vfree(p: Uint8Array | null): void {
+  if (p === null) return;
+  const a = allocations.get(p);
+  if (a === undefined) return;
+  if (a.freed) throw new QemuError('qemu_vfree: buffer freed twice');
+  a.freed = true;
+  if (a.cls === 0) return;
+  let list = freeLists.get(a.cls);
+  if (list === undefined) freeLists.set(a.cls, (list = []));
+  list.push({ slab: a.slab, offset: a.offset });
+}
+
+/**
+ * @internal True if `view` starts and ends on `align` boundaries of real memory, as far
+ * as known (SharedArrayBuffer-backed only).
+ */
+export function guestMemoryIsAligned(view: Uint8Array, align: number): boolean {
+  if (!(view.buffer instanceof SharedArrayBuffer)) return false;
+  const s = slabOf(view.buffer);
+  return (view.byteOffset - s.phase) % align === 0 && view.byteLength % align === 0;
+}
+
+/**
+ * @internal Measures every unprobed slab's phase with O_DIRECT reads on `fd` (opened with
+ * O_DIRECT, at least 4096 bytes long): the first 512-byte step at which a 4096-byte read
+ * succeeds. Returns how many slabs were probed.
+ */
+export function guestMemoryProbePhase(fd: number): number {
+  let n = 0;
+  for (const s of slabs) {
+    if (s.phaseKnown || s.sab.byteLength < PROBE_AREA || !ownSlabs.has(s)) continue;
+    for (let off = 0; off < 4096; off += 512) {
+      try {
+        readSync(fd, new Uint8Array(s.sab, off, 4096), 0, 4096, 0);
+        s.phase = off;
+        s.phaseKnown = true;
+        n++;
+        break;
+      } catch {
+        // EINVAL: not aligned here; try the next step.
+      }
+    }
+  }
+  return n;
+}
