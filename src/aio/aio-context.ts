@@ -9,7 +9,7 @@ import {
 } from '../coroutine/coroutine.ts';
 import { QEMU_CLOCK_MAX, clockSetNotifyHook, type QEMUClockType } from './clock.ts';
 import { QemuError } from './error.ts';
-import { aio_bh_new, aio_bh_finalize_check, type QEMUBH, type BHListSlice } from './bh.ts';
+import { aio_bh_new, aio_bh_finalize_check, aio_bh_finalize_free, type QEMUBH, type BHListSlice } from './bh.ts';
 import { co_schedule_bh_cb } from './co-schedule.ts';
 import type { AioHandler } from './fd-handler.ts';
 import { TimerList, timerlist_due_before } from './timer.ts';
@@ -20,9 +20,11 @@ import { TimerList, timerlist_due_before } from './timer.ts';
  * @internal
  */
 export interface AioContextPool {
+  /** Its completion BH, deleted by `free` (so finalize does not count it as leaked). */
+  readonly completion_bh: QEMUBH;
   /** Requests submitted and not yet completed (their callbacks not yet run). */
   outstanding(): number;
-  /** Called on the context's last unref; throws if requests are outstanding (S2). */
+  /** Called on the context's last unref, once nothing is outstanding (S2, S97). */
   free(): void;
 }
 
@@ -92,7 +94,13 @@ export const poolHooks: { ringPending: () => boolean; drain: () => boolean } = {
 };
 
 /** Set by aio-context users that must act on notify (the host-loop drive). @internal */
-export const notifyHooks: { hostKick: (ctx: AioContext) => void } = { hostKick: () => {} };
+export const notifyHooks: {
+  hostKick: (ctx: AioContext) => void;
+  /** A context's earliest timer may be later now (timer_del, clock changes). */
+  hostTimersChanged: (ctx: AioContext | null) => void;
+  /** A finalized context leaves the host-loop drive. */
+  hostDetach: (ctx: AioContext) => void;
+} = { hostKick: () => {}, hostTimersChanged: () => {}, hostDetach: () => {} };
 
 /**
  * Creates a context: no BHs, no handlers, polling off, no thread pool. QEMU:
@@ -158,7 +166,15 @@ export function aio_context_unref(ctx: AioContext): void {
 
 /** The checks of QEMU's `aio_ctx_finalize` (S2), as thrown errors. */
 function aio_ctx_finalize(ctx: AioContext): void {
-  if (ctx.thread_pool !== null) ctx.thread_pool.free();
+  // Every check first: a refused finalize must leave the context fully working.
+  if (ctx.thread_pool !== null && ctx.thread_pool.outstanding() !== 0) {
+    throw new QemuError(
+      `thread_pool_free: Assertion 'QLIST_EMPTY(&pool->head)' failed (${ctx.thread_pool.outstanding()} request(s) outstanding in context '${ctx.name}')`,
+    );
+  }
+  if (ctx.dispatchDepth > 0) {
+    throw new QemuError(`aio_ctx_finalize: context '${ctx.name}' is finalized while it is dispatching (Assertion 'QSIMPLEQ_EMPTY(&ctx->bh_slice_list)' failed)`);
+  }
   if (ctx.scheduledHead !== null) {
     const co = ctx.scheduledHead;
     throw new QemuError(
@@ -174,6 +190,9 @@ function aio_ctx_finalize(ctx: AioContext): void {
       );
     }
   }
+  if (ctx.thread_pool !== null) ctx.thread_pool.free();
+  aio_bh_finalize_free(ctx);
+  notifyHooks.hostDetach(ctx);
 }
 
 /**
@@ -185,7 +204,10 @@ export function aio_context_acquire(ctx: AioContext): void {
   ctx.acquireDepth++;
 }
 
-/** Releases one level of `aio_context_acquire`; throws if the context is not acquired. */
+/**
+ * Releases one level of `aio_context_acquire`. QEMU 5.2: `aio_context_release`. Throws
+ * if the context is not acquired (QEMU's recursive mutex would assert).
+ */
 export function aio_context_release(ctx: AioContext): void {
   if (ctx.acquireDepth === 0) {
     throw new QemuError(`aio_context_release: context '${ctx.name}' is not acquired`);
@@ -211,12 +233,14 @@ export function aio_notify_accept(ctx: AioContext): void {
 /**
  * Sets adaptive polling parameters, resets poll_ns to 0 and notifies. QEMU:
  * `aio_context_set_poll_params`. `max_ns == 0` turns polling off. Surprise (a fix over
- * 5.2): negative values throw `QemuError`, with the IOThread property setter's message.
+ * 5.2): negative values throw `QemuError`, with the IOThread property setter's message
+ * (values above 2**53 are refused too, with the same message).
  */
 export function aio_context_set_poll_params(ctx: AioContext, max_ns: number, grow: number, shrink: number): void {
   const check = (name: string, v: number) => {
     if (!Number.isInteger(v) || v < 0 || v > Number.MAX_SAFE_INTEGER) {
-      throw new QemuError(`${name} value must be in range [0, ${Number.MAX_SAFE_INTEGER}]`);
+      // QEMU's text (INT64_MAX); JS numbers are exact only up to 2**53, which is checked.
+      throw new QemuError(`${name} value must be in range [0, 9223372036854775807]`);
     }
   };
   check('poll-max-ns', max_ns);
@@ -231,9 +255,12 @@ export function aio_context_set_poll_params(ctx: AioContext, max_ns: number, gro
 
 coroutineSetDefaultContext(qemu_get_aio_context);
 
-clockSetNotifyHook((type: QEMUClockType, dueUpTo: number) => {
-  for (const ctx of liveContexts) {
-    const tl = ctx.tlg[type] as TimerList;
-    if (tl.active_timers !== null && (dueUpTo === Infinity || timerlist_due_before(tl, dueUpTo))) aio_notify(ctx);
-  }
-});
+clockSetNotifyHook(
+  (type: QEMUClockType, dueUpTo: number) => {
+    for (const ctx of liveContexts) {
+      const tl = ctx.tlg[type] as TimerList;
+      if (tl.active_timers !== null && (dueUpTo === Infinity || timerlist_due_before(tl, dueUpTo))) aio_notify(ctx);
+    }
+  },
+  () => notifyHooks.hostTimersChanged(null),
+);

@@ -2,7 +2,7 @@
  * aio_poll and its relatives: QEMU 5.2 util/aio-posix.c, phase for phase (S23-S27,
  * S35-S38), and aio_dispatch for the host-loop drive (S45, S102).
  */
-import { coroutineSwapAmbientContext } from '../coroutine/coroutine.ts';
+import { coroutineSwapAmbientContext, coroutineSwapCurrent, qemu_coroutine_self, qemu_in_coroutine, type Coroutine } from '../coroutine/coroutine.ts';
 import type { AioContext } from './aio-context.ts';
 import { aio_notify_accept, poolHooks } from './aio-context.ts';
 import { aio_bh_poll, aio_compute_bh_timeout } from './bh.ts';
@@ -106,6 +106,18 @@ function adjust_poll_ns(ctx: AioContext, block_ns: number): void {
   }
 }
 
+/**
+ * A wait inside a coroutine may drive another context, which in QEMU runs on its own
+ * thread, outside any coroutine: its callbacks must not see the waiting coroutine as
+ * current. Polling the coroutine's own context keeps QEMU's behaviour (they do).
+ */
+function leaveForeignCoroutine(ctx: AioContext): Coroutine | null {
+  if (!qemu_in_coroutine()) return null;
+  const co = qemu_coroutine_self();
+  if (co.ctx === ctx) return null;
+  return coroutineSwapCurrent(null);
+}
+
 function checkLive(ctx: AioContext, fn: string): void {
   if (ctx.finalized) throw new QemuError(`${fn}: context '${ctx.name}' was finalized`);
 }
@@ -118,10 +130,13 @@ function checkLive(ctx: AioContext, fn: string): void {
  * attached) as their own threads would; their work never counts toward the result.
  * Surprises: a notify nobody consumed makes a blocking call return at once, maybe false
  * (S20); idle BHs and deleted BHs are not progress; a wait that nothing could ever end
- * throws AioWaitError instead of hanging.
+ * throws AioWaitError instead of hanging. Called inside a coroutine, callbacks of that
+ * coroutine's own context run in coroutine context (as in QEMU, so wake-ups they make are
+ * deferred until it yields); other contexts' callbacks never do.
  */
 export function aio_poll(ctx: AioContext, blocking: boolean): boolean {
   if (ctx.finalized) checkLive(ctx, 'aio_poll');
+  const prevCo = leaveForeignCoroutine(ctx);
   const prevAmbient = coroutineSwapAmbientContext(ctx);
   ctx.dispatchDepth++;
   ctx.walking++;
@@ -171,6 +186,7 @@ export function aio_poll(ctx: AioContext, blocking: boolean): boolean {
     }
     ctx.dispatchDepth--;
     coroutineSwapAmbientContext(prevAmbient);
+    if (prevCo !== null) coroutineSwapCurrent(prevCo);
   }
 }
 
@@ -180,6 +196,7 @@ export function aio_poll(ctx: AioContext, blocking: boolean): boolean {
  */
 export function aio_dispatch(ctx: AioContext): void {
   checkLive(ctx, 'aio_dispatch');
+  const prevCo = leaveForeignCoroutine(ctx);
   const prevAmbient = coroutineSwapAmbientContext(ctx);
   ctx.dispatchDepth++;
   ctx.walking++;
@@ -199,6 +216,7 @@ export function aio_dispatch(ctx: AioContext): void {
     }
     ctx.dispatchDepth--;
     coroutineSwapAmbientContext(prevAmbient);
+    if (prevCo !== null) coroutineSwapCurrent(prevCo);
   }
 }
 

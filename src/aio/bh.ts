@@ -185,16 +185,20 @@ export function aio_has_scheduled_bh(ctx: AioContext): boolean {
   return aio_compute_bh_timeout(ctx) >= 0;
 }
 
-/** @internal S2: the BH checks of aio_ctx_finalize, as thrown errors. */
+/** @internal S2: the BH checks of aio_ctx_finalize, as thrown errors; changes nothing. */
 export function aio_bh_finalize_check(ctx: AioContext): void {
   if (ctx.bh_slice_list.some((s) => s.head !== null)) {
     throw new QemuError(`aio_ctx_finalize: context '${ctx.name}' is finalized while an aio_bh_poll has BHs left in its slice`);
   }
   for (let bh = ctx.bh_list; bh !== null; bh = bh.next) {
-    if ((bh.flags & BH_DELETED) === 0 && bh !== ctx.co_schedule_bh) {
+    if ((bh.flags & BH_DELETED) === 0 && bh !== ctx.co_schedule_bh && bh !== ctx.thread_pool?.completion_bh) {
       throw new QemuError(`aio_ctx_finalize: BH '${bh.name}' leaked, aborting...`);
     }
   }
+}
+
+/** @internal frees the BHs of a finalized context. */
+export function aio_bh_finalize_free(ctx: AioContext): void {
   ctx.bh_list = null;
   ctx.bh_slice_list.length = 0;
   ctx.co_schedule_bh.flags |= BH_DELETED;

@@ -37,8 +37,12 @@ interface Parked<T> {
 
 function wakeParked(p: Parked<unknown>): void {
   parkedCoroutines.delete(p.co);
-  hostLoopUpdate();
-  aio_co_wake(p.co);
+  try {
+    aio_co_wake(p.co);
+  } finally {
+    // After the coroutine ran: it may have armed or disarmed timers, or parked again.
+    hostLoopUpdate();
+  }
 }
 
 function settle(p: Parked<unknown>, state: number, value: unknown): void {

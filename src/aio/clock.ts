@@ -32,11 +32,13 @@ export function realtimeNs(): number {
   return Math.round(performance.now() * 1e6);
 }
 
-/** Hook the aio layer installs: notify every context that has timers on `type`. */
+/** Hooks the aio layer installs: notify contexts with timers on `type`; deadlines moved later. */
 let notifyClock: (type: QEMUClockType, dueUpTo: number) => void = () => {};
+let clockStopped: () => void = () => {};
 /** @internal */
-export function clockSetNotifyHook(fn: (type: QEMUClockType, dueUpTo: number) => void): void {
+export function clockSetNotifyHook(fn: (type: QEMUClockType, dueUpTo: number) => void, stopped: () => void): void {
   notifyClock = fn;
+  clockStopped = stopped;
 }
 
 function checkType(type: number, fn: string): asserts type is QEMUClockType {
@@ -84,6 +86,7 @@ export function qemu_clock_enable(type: QEMUClockType, on: boolean): void {
   const old = enabled[type];
   enabled[type] = on;
   if (on && !old) notifyClock(type, Infinity);
+  if (!on && old) clockStopped();
 }
 
 /** @internal */
@@ -99,7 +102,7 @@ export function qemu_clock_is_manual(type: QEMUClockType): boolean {
 /**
  * Puts QEMU_CLOCK_VIRTUAL in manual mode (aioco's own, for deterministic tests): from then
  * on it moves only through `qemu_clock_advance_virtual_time`. Leaving manual mode resumes
- * following REALTIME from the value reached, never going backwards.
+ * at REALTIME's pace from the value reached (no jump for the time spent in manual mode).
  * Surprise: a blocking wait never sleeps for a manual-clock timer; with nothing else to
  * wait for it throws AioWaitError instead of hanging.
  */
@@ -112,11 +115,12 @@ export function qemu_clock_set_manual(type: QEMUClockType, manual: boolean): voi
   if (manual) {
     virtualValue = realtimeNs() + virtualOffset;
     virtualManual = true;
+    clockStopped();
   } else {
-    const now = realtimeNs();
-    virtualOffset = Math.max(virtualOffset, virtualValue - now);
+    virtualOffset = virtualValue - realtimeNs();
     virtualManual = false;
     notifyClock(QEMU_CLOCK_VIRTUAL, Infinity);
+    notifyClock(QEMU_CLOCK_VIRTUAL_RT, Infinity);
   }
 }
 

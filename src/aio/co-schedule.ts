@@ -86,7 +86,9 @@ export function aio_co_enter(ctx: AioContext, co: Coroutine): void {
 
 /**
  * Resumes `co` in the context where it last ran. QEMU: `aio_co_wake`. It must have been
- * entered before (its context is unknown otherwise).
+ * entered before (its context is unknown otherwise). Surprise (S69): from a coroutine in
+ * that context it is deferred until the caller yields; from another context it is
+ * scheduled there; only from plain code in that context does it run before this returns.
  */
 export function aio_co_wake(co: Coroutine): void {
   const ctx = co.ctx as AioContext | null;

@@ -6,7 +6,8 @@
  * the earliest timer on an enabled, non-manual clock arms one setTimeout; workers wake it
  * through Atomics.waitAsync on the wake word. Node is kept alive only while there is
  * work: a pending dispatch, an armed timer, an outstanding pool request or a coroutine
- * parked on a promise. Busy-polling never happens here.
+ * parked on a promise; disarming a timer or stopping a clock re-checks at once.
+ * Busy-polling never happens here.
  */
 import type { AioContext } from './aio-context.ts';
 import {
@@ -84,34 +85,51 @@ function hostKick(ctx: AioContext): void {
   if (immediate === null) immediate = setImmediate(hostDispatch);
 }
 
+let inHostDispatch = false;
+
 function hostDispatch(): void {
   immediate = null;
-  let error: unknown = null;
-  let failed = false;
+  let errors: unknown[] | null = null;
   const list = [...pending];
   pending.clear();
-  for (const ctx of list) {
-    if (!ctx.attached || ctx.finalized) continue;
-    try {
-      aio_notify_accept(ctx);
-      aio_dispatch(ctx);
-    } catch (e) {
-      // Whatever was left queued runs in the next turn; the first error surfaces.
-      if (!failed) error = e;
-      failed = true;
-      hostKick(ctx);
+  inHostDispatch = true;
+  try {
+    for (const ctx of list) {
+      if (!ctx.attached || ctx.finalized) continue;
+      try {
+        aio_notify_accept(ctx);
+        aio_dispatch(ctx);
+      } catch (e) {
+        // Whatever was left queued runs in the next turn; the errors surface after.
+        (errors ??= []).push(e);
+        hostKick(ctx);
+      }
     }
+  } finally {
+    inHostDispatch = false;
   }
   hostLoopUpdate();
-  if (failed) throw error;
+  if (errors !== null) {
+    throw errors.length === 1 ? errors[0] : new AggregateError(errors, 'aio_dispatch: several callbacks failed in one Node loop turn');
+  }
 }
 
+/** Due timers join the next dispatch: still at most one dispatch per loop turn. */
 function onTimer(): void {
   timer = null;
   timerAt = -1;
-  for (const ctx of attachedContexts) if (aio_timers_deadline(ctx, true) === 0) pending.add(ctx);
-  if (pending.size !== 0) hostDispatch();
-  else hostLoopUpdate();
+  let due = false;
+  for (const ctx of attachedContexts) {
+    if (aio_timers_deadline(ctx, true) === 0) {
+      pending.add(ctx);
+      due = true;
+    }
+  }
+  if (due) {
+    if (immediate === null) immediate = setImmediate(hostDispatch);
+  } else {
+    hostLoopUpdate();
+  }
 }
 
 function hasOutstanding(): boolean {
@@ -172,3 +190,14 @@ export function hostLoopUpdate(): void {
 }
 
 notifyHooks.hostKick = hostKick;
+notifyHooks.hostTimersChanged = (ctx) => {
+  // After a host dispatch hostLoopUpdate runs anyway; elsewhere a stale setTimeout
+  // would keep Node alive for a timer that no longer exists.
+  if (!inHostDispatch && (ctx === null || ctx.attached)) hostLoopUpdate();
+};
+notifyHooks.hostDetach = (ctx) => {
+  attachedContexts.delete(ctx);
+  pending.delete(ctx);
+  ctx.gsource = null;
+  hostLoopUpdate();
+};

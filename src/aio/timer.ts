@@ -3,7 +3,7 @@
  * (S47-S53).
  */
 import type { AioContext } from './aio-context.ts';
-import { aio_notify } from './aio-context.ts';
+import { aio_notify, notifyHooks } from './aio-context.ts';
 import {
   qemu_clock_get_ns,
   qemu_clock_is_enabled,
@@ -144,7 +144,12 @@ export function timer_mod_anticipate(ts: QEMUTimer, expire_time: number): void {
 
 /** Disarms `ts`; a no-op if it is not pending. QEMU: `timer_del`. */
 export function timer_del(ts: QEMUTimer): void {
-  if (ts.expire_time >= 0) unlink(ts);
+  if (ts.expire_time >= 0) {
+    const tl = ts.timer_list;
+    const wasHead = tl.active_timers === ts;
+    unlink(ts);
+    if (wasHead) notifyHooks.hostTimersChanged(tl.ctx);
+  }
 }
 
 /** Frees `ts`, disarming it first (QEMU >= 6.0, S53). QEMU: `timer_free`. */

@@ -52,8 +52,10 @@ export function qemu_co_queue_init(q: CoQueue): void {
 export function* qemu_co_queue_wait(q: CoQueue, lock?: CoMutex | null): CoroutineFn<void> {
   const self = qemu_coroutine_self();
   if (!qemu_in_coroutine()) throw new CoroutineError('Co-routine is yielding to no one');
-  coQueuePush(q, self);
+  // Unlock first: if it throws, we are not left queued. Its hand-off wake-up is deferred
+  // until we yield (we are in a coroutine), so queueing after it changes nothing else.
   if (lock) qemu_co_mutex_unlock(lock);
+  coQueuePush(q, self);
   yield* qemu_coroutine_yield();
   if (lock) yield* qemu_co_mutex_lock(lock);
 }
@@ -70,10 +72,25 @@ export function qemu_co_queue_next(q: CoQueue): boolean {
   return true;
 }
 
-/** Wakes every waiter, oldest first, with `qemu_co_queue_next`'s timing. QEMU: `qemu_co_queue_restart_all`. */
+/**
+ * Wakes every waiter, oldest first, with `qemu_co_queue_next`'s timing. QEMU:
+ * `qemu_co_queue_restart_all`. Surprise: from plain code each runs at once; if one throws,
+ * the rest are still woken, then the error is rethrown (several: an AggregateError).
+ */
 export function qemu_co_queue_restart_all(q: CoQueue): void {
   let co: Coroutine | null;
-  while ((co = coQueuePop(q)) !== null) coroutineWake(co);
+  let errors: unknown[] | null = null;
+  while ((co = coQueuePop(q)) !== null) {
+    try {
+      coroutineWake(co);
+    } catch (e) {
+      // From plain code a waiter runs at once and may throw: the others are still woken.
+      (errors ??= []).push(e);
+    }
+  }
+  if (errors !== null) {
+    throw errors.length === 1 ? errors[0] : new AggregateError(errors, 'qemu_co_queue_restart_all: several coroutines failed');
+  }
 }
 
 /**

@@ -130,6 +130,17 @@ function currentContext(): CoContext {
 }
 
 /**
+ * @internal Makes the leader current (or restores `co`), returning what was current. The
+ * aio layer uses it when a wait inside a coroutine drives another context: that
+ * context's callbacks run as on their own thread, outside any coroutine.
+ */
+export function coroutineSwapCurrent(co: Coroutine | null): Coroutine {
+  const prev = current;
+  current = co ?? leader;
+  return prev;
+}
+
+/**
  * Creates a coroutine that will run `entry(opaque)`. QEMU: `qemu_coroutine_create`.
  * Nothing runs until it is entered; its context is null until then (S55, S64). The
  * generator object is created here, so `entry` must be a module-level generator
@@ -277,19 +288,23 @@ export function qemu_coroutine_yield(): CoroutineFn<void> {
   return yieldIterator;
 }
 
-/** The running coroutine, or the leader pseudo-coroutine outside any (never null, S59). */
+/** The running coroutine, or the leader pseudo-coroutine outside any (never null, S59). QEMU: `qemu_coroutine_self`. */
 export function qemu_coroutine_self(): Coroutine {
   return current;
 }
 
-/** True inside an entered coroutine, false on the leader (S59). */
+/**
+ * True inside an entered coroutine, false on the leader (S59). QEMU: `qemu_in_coroutine`.
+ * Surprise: true in callbacks run by an aio_poll that a coroutine made on its own context.
+ */
 export function qemu_in_coroutine(): boolean {
   return current !== leader;
 }
 
 /**
  * True while `co` runs or has entered another coroutine that has not yielded back; false
- * before the first entry, after a yield and after termination (S60).
+ * before the first entry, after a yield and after termination (S60). QEMU:
+ * `qemu_coroutine_entered`.
  */
 export function qemu_coroutine_entered(co: Coroutine): boolean {
   return co.caller !== null;
