@@ -187,3 +187,36 @@ export { qemu_memalign, qemu_vfree } from './aio/guest-memory.ts';
 export { bdrv_aio_cancel, bdrv_aio_cancel_async } from './block/aiocb.ts';
 export { qemu_blockalign } from './block/blockalign.ts';
 export type { BlockAlignSource } from './block/blockalign.ts';
+export {
+  IOV_MAX,
+  QEMUIOVector,
+  QEMU_IOVEC_INIT_BUF,
+  iov_size,
+  iov_from_buf,
+  iov_to_buf,
+  iov_memset,
+  iov_discard_front,
+  iov_discard_back,
+  qemu_iovec_init,
+  qemu_iovec_init_external,
+  qemu_iovec_init_buf,
+  qemu_iovec_buf,
+  qemu_iovec_init_extended,
+  qemu_iovec_init_slice,
+  qemu_iovec_slice,
+  qemu_iovec_subvec_niov,
+  qemu_iovec_add,
+  qemu_iovec_concat,
+  qemu_iovec_concat_iov,
+  qemu_iovec_is_zero,
+  qemu_iovec_destroy,
+  qemu_iovec_reset,
+  qemu_iovec_to_buf,
+  qemu_iovec_from_buf,
+  qemu_iovec_memset,
+  qemu_iovec_compare,
+  qemu_iovec_clone,
+  qemu_iovec_discard_back,
+  qemu_iovec_is_shared,
+} from './block/qiov.ts';
+export type { QEMUIOVectorSlice, IOVCursor } from './block/qiov.ts';
