@@ -43,6 +43,8 @@ export class AioContext {
   /** @internal LIFO list of pending BHs (S13). */ bh_list: QEMUBH | null = null;
   /** @internal slices of an aio_bh_poll in progress or interrupted (S12, S14). */
   bh_slice_list: BHListSlice[] = [];
+  /** @internal the slice aio_bh_poll uses when no other is in progress (no allocation). */
+  bh_spare_slice: BHListSlice = { head: null };
   /** @internal */ notified = false;
   /** @internal */ notify_me = 0;
   /** @internal FIFO of coroutines waiting for co_schedule_bh, through co_scheduled_next. */
@@ -88,7 +90,9 @@ let mainContext: AioContext | null = null;
  * finished requests to their pools' completion BHs (which notifies those contexts).
  * Installed by thread-pool.ts when it is loaded. @internal
  */
-export const poolHooks: { ringPending: () => boolean; drain: () => boolean } = {
+export const poolHooks: { inFlight: number; ringPending: () => boolean; drain: () => boolean } = {
+  /** Shared-memory slots in use over all pools: the ring can only fill while non-zero. */
+  inFlight: 0,
   ringPending: () => false,
   drain: () => false,
 };

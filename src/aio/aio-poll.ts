@@ -38,7 +38,7 @@ export function aio_timers_deadline(ctx: AioContext, skipManual: boolean): numbe
  * sleeps for it.
  */
 export function aio_compute_timeout(ctx: AioContext): number {
-  if (poolHooks.ringPending()) poolHooks.drain();
+  if (poolHooks.inFlight !== 0) poolHooks.drain();
   const bh = aio_compute_bh_timeout(ctx);
   if (bh === 0) return 0;
   return qemu_soonest_timeout(bh, aio_timers_deadline(ctx, false));
@@ -52,6 +52,15 @@ export function aio_wait_timeout(ctx: AioContext): number {
 }
 
 function run_timers(ctx: AioContext): boolean {
+  const tlg = ctx.tlg;
+  if (
+    (tlg[0] as TimerList).active_timers === null &&
+    (tlg[1] as TimerList).active_timers === null &&
+    (tlg[2] as TimerList).active_timers === null &&
+    (tlg[3] as TimerList).active_timers === null
+  ) {
+    return false;
+  }
   let progress = false;
   for (let t = 0; t < QEMU_CLOCK_MAX; t++) {
     const tl = ctx.tlg[t] as TimerList;
@@ -168,7 +177,7 @@ export function aio_poll(ctx: AioContext, blocking: boolean): boolean {
     }
     aio_notify_accept(ctx);
     if (ctx.poll_max_ns !== 0) adjust_poll_ns(ctx, realtimeNs() - start);
-    poolHooks.drain();
+    if (poolHooks.inFlight !== 0) poolHooks.drain();
     if (ctx.bh_list !== null || ctx.bh_slice_list.length !== 0) {
       if (aio_bh_poll(ctx)) progress = true;
     }
@@ -202,7 +211,7 @@ export function aio_dispatch(ctx: AioContext): void {
   ctx.walking++;
   let walking = true;
   try {
-    poolHooks.drain();
+    if (poolHooks.inFlight !== 0) poolHooks.drain();
     aio_bh_poll(ctx);
     aio_dispatch_handlers(ctx);
     ctx.walking--;
@@ -235,6 +244,6 @@ export function aio_prepare(ctx: AioContext): boolean {
  * counted, as in QEMU.
  */
 export function aio_pending(ctx: AioContext): boolean {
-  if (poolHooks.ringPending()) poolHooks.drain();
+  if (poolHooks.inFlight !== 0) poolHooks.drain();
   return aio_has_ready_handler(ctx);
 }

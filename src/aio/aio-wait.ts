@@ -107,7 +107,7 @@ function drive(primary: AioContext, pollPrimary: boolean, done: () => boolean, d
 export function aioBlockingWait(ctx: AioContext): void {
   const ready = () => {
     // A worker's completion for this context notifies it once moved to its pool's BH.
-    if (poolHooks.ringPending()) poolHooks.drain();
+    if (poolHooks.inFlight !== 0) poolHooks.drain();
     return ctx.notified || aio_has_ready_handler(ctx);
   };
   if (ready()) return;

@@ -131,14 +131,22 @@ export function aio_bh_poll(ctx: AioContext): number {
   const slices = ctx.bh_slice_list;
   let ret = 0;
   if (ctx.bh_list !== null) {
-    slices.push({ head: ctx.bh_list });
+    let s: BHListSlice;
+    if (slices.length === 0) {
+      s = ctx.bh_spare_slice;
+      s.head = ctx.bh_list;
+    } else {
+      s = { head: ctx.bh_list };
+    }
+    slices.push(s);
     ctx.bh_list = null;
   }
   while (slices.length !== 0) {
     const s = slices[0] as BHListSlice;
     const bh = aio_bh_dequeue(s);
     if (bh === null) {
-      slices.shift();
+      if (slices.length === 1) slices.pop();
+      else slices.shift();
       continue;
     }
     const flags = bhFlags;

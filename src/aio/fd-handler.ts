@@ -63,7 +63,7 @@ function removeNode(ctx: AioContext, node: AioHandler): void {
 
 /** @internal unlink handlers deleted during a walk (the outermost walker does it, S29). */
 export function aio_free_deleted_handlers(ctx: AioContext): void {
-  if (ctx.walking !== 0) return;
+  if (ctx.walking !== 0 || ctx.aio_handlers.length === 0) return;
   if (ctx.aio_handlers.some((n) => n.deleted)) ctx.aio_handlers = ctx.aio_handlers.filter((n) => !n.deleted);
 }
 

@@ -346,6 +346,7 @@ function drainCompletions(): boolean {
     slotElems[slot] = null;
     Atomics.store(ctl, C_SLOT + slot * S_STRIDE, ST_FREE);
     freeSlots.push(slot);
+    poolHooks.inFlight--;
     if (elem === null || elem === undefined) continue; // a cancelled slot handed back
     if (elem.func.op === OP_USER) pendingArgs.delete(`${slot}:${ctl[C_SLOT + slot * S_STRIDE + 4]}`);
     elem.slot = -1;
@@ -393,6 +394,7 @@ export class ThreadPool implements AioContextPool {
     while (this.queued.length !== 0 && this.inShared < this.max && freeSlots.length !== 0) {
       const elem = this.queued.shift() as ThreadPoolElement;
       const slot = freeSlots.pop() as number;
+      poolHooks.inFlight++;
       elem.slot = slot;
       slotElems[slot] = elem;
       writeRecord(elem, slot);
