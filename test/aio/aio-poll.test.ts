@@ -1,6 +1,8 @@
 // aio_poll and the AioContext core (src/aio/aio-poll.ts, src/aio/aio-context.ts): the intent
 // of QEMU's test-aio.c (/aio/acquire's "consume aio_notify" idiom, /aio/bh/flush) plus
 // rules S2, S6, S17-S27, S35-S39 and API.md's current-context rules.
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
@@ -801,6 +803,97 @@ test('API: after an exception escapes a callback through aio_poll the current co
   assert.is(aio_poll(ctx, false), true);
   assert.is(n, 1);
   drain(ctx);
+});
+
+// ---------------------------------------------------------------- finalize (S2): review regressions
+
+test('S2 the last unref from inside the context\'s own dispatch is refused even with nothing left in the slice (BH, timer, aio_dispatch); the context keeps working', () => {
+  const ctx = aio_context_new();
+  const log: string[] = [];
+  const dispatching = `aio_ctx_finalize: context '${ctx.name}' is finalized while it is dispatching (Assertion 'QSIMPLEQ_EMPTY(&ctx->bh_slice_list)' failed)`;
+  const tryUnref = (where: string) => {
+    try {
+      aio_context_unref(ctx);
+      log.push(`${where}: finalized`);
+    } catch (e) {
+      log.push(`${where}: ${e instanceof QemuError ? 'QemuError' : 'other'} ${(e as Error).message}`);
+    }
+  };
+  // the only BH of its aio_bh_poll: its slice is already empty when it runs
+  aio_bh_schedule_oneshot(ctx, () => tryUnref('last bh'));
+  assert.is(aio_poll(ctx, false), true);
+  // a timer callback: aio_bh_poll is over by then
+  const ts = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, () => tryUnref('timer'));
+  timer_mod_ns(ts, 0);
+  assert.is(aio_poll(ctx, false), true);
+  // a BH run by aio_dispatch (the host-loop drive's entry point)
+  aio_bh_schedule_oneshot(ctx, () => tryUnref('aio_dispatch bh'));
+  aio_dispatch(ctx);
+  assert.equal(log, [`last bh: QemuError ${dispatching}`, `timer: QemuError ${dispatching}`, `aio_dispatch bh: QemuError ${dispatching}`]);
+  // nothing changed: the context works, and its one reference is still there
+  let n = 0;
+  aio_bh_schedule_oneshot(ctx, () => n++);
+  assert.is(aio_poll(ctx, false), true);
+  assert.is(n, 1);
+  aio_context_unref(ctx);
+  throwsExactly(() => aio_poll(ctx, false), QemuError, `aio_poll: context '${ctx.name}' was finalized`);
+});
+
+test('S2 a finalize refused for an armed timer changes nothing: a coroutine scheduled after it runs, BHs run, and a later unref finalizes', () => {
+  const ctx = aio_context_new();
+  const log: string[] = [];
+  const ts = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, my_armed_timer_cb);
+  timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 60_000_000_000);
+  throwsExactly(
+    () => aio_context_unref(ctx),
+    QemuError,
+    `aio_ctx_finalize: timer 'my_armed_timer_cb' is still armed in context '${ctx.name}' (timerlist_free: Assertion '!timerlist_has_timers(timer_list)' failed)`,
+  );
+  timer_del(ts);
+  aio_co_schedule(ctx, qemu_coroutine_create(scheduled_entry, log, 'after-refusal'));
+  assert.is(aio_poll(ctx, false), true);
+  assert.equal(log, ['ran']);
+  aio_bh_schedule_oneshot(ctx, () => log.push('bh'));
+  assert.is(aio_poll(ctx, false), true);
+  assert.equal(log, ['ran', 'bh']);
+  assert.is(aio_poll(ctx, false), false);
+  aio_context_unref(ctx);
+  throwsExactly(() => aio_poll(ctx, false), QemuError, `aio_poll: context '${ctx.name}' was finalized`);
+});
+
+interface ChildResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `node ...args` from the repository root; killed after 10 s. */
+function runNode(args: string[]): Promise<ChildResult> {
+  const root = fileURLToPath(new URL('../..', import.meta.url));
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, args, {
+      cwd: root,
+      env: { ...process.env, FORCE_COLOR: '0' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => (stdout += b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b));
+    const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.on('close', (code, signal) => {
+      clearTimeout(killer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+test('S2/DESIGN a finalized context that was attached to Node\'s loop is released (garbage collected), with or without destroy() first', async () => {
+  const r = await runNode(['--expose-gc', '--import', 'tsx', 'test/aio/fixtures/finalized-attached-gc.ts']);
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'destroy() then unref: 50/50 collected\nunref only: 50/50 collected\n');
 });
 
 test.run();

@@ -14,6 +14,7 @@ import {
   QemuError,
   SCALE_NS,
   aio_bh_schedule_oneshot,
+  aio_co_wake,
   aio_compute_timeout,
   aio_context_new,
   aio_context_unref,
@@ -29,14 +30,22 @@ import {
   iothread_get_aio_context,
   qemu_clock_advance_virtual_time,
   qemu_clock_get_ns,
+  qemu_aio_coroutine_enter,
   qemu_clock_set_manual,
   qemu_coroutine_create,
   qemu_coroutine_enter,
+  qemu_coroutine_get_aio_context,
+  qemu_coroutine_self,
+  qemu_coroutine_yield,
   qemu_get_aio_context,
   qemu_get_current_aio_context,
+  qemu_in_coroutine,
+  timer_del,
   timer_mod_ns,
   timer_pending,
+  type Coroutine,
   type CoroutineFn,
+  type QEMUTimer,
 } from '../../src/index.ts';
 
 const main = qemu_get_aio_context();
@@ -511,6 +520,128 @@ test('DESIGN: a blocking aio_poll(main) inside a BH of another context skips tha
   assertIdle(main, io, ctx);
   iothread_destroy(t);
   aio_context_unref(ctx);
+});
+
+// --- A wait inside a coroutine (S69, S101; DESIGN "Contexts and the one JS thread") ---
+// Another context's callbacks run as on that context's own thread: outside any coroutine,
+// so a coroutine they wake is entered at once, in its own context. The coroutine's own
+// context keeps QEMU's behaviour: its callbacks run inside the waiting coroutine, and a
+// wake-up they make waits until the coroutine yields (S69b).
+
+interface InCoWait {
+  io: AioContext;
+  log: string[];
+  mainWorker: Coroutine | null;
+  ioWorker: Coroutine | null;
+  ioDone: boolean;
+  deadline: number; // REALTIME ns after which the wait gives up (a hang would be a failure too)
+}
+
+function* parkedWorker(s: InCoWait): CoroutineFn<void> {
+  yield* qemu_coroutine_yield();
+  const self = qemu_coroutine_self();
+  s.log.push(
+    `${self.name} resumed@${qemu_get_current_aio_context().name} home=${qemu_coroutine_get_aio_context(self)?.name} in_coroutine=${qemu_in_coroutine()}`,
+  );
+  if (self === s.ioWorker) s.ioDone = true;
+}
+
+function* waitsInCoroutine(s: InCoWait): CoroutineFn<void> {
+  const self = qemu_coroutine_self();
+  const who = () => `in_coroutine=${qemu_in_coroutine()} self_is_waiter=${qemu_coroutine_self() === self}`;
+  // Own context (main): the BH runs inside this coroutine; the wake-up is deferred.
+  aio_bh_schedule_oneshot(main, () => {
+    s.log.push(`main bh ${who()}`);
+    aio_co_wake(s.mainWorker as Coroutine);
+    s.log.push('main bh woke main-worker');
+  });
+  s.log.push(`poll main=${aio_poll(main, false)}`);
+  s.log.push('waiter yields');
+  yield* qemu_coroutine_yield();
+  // Another context: its BH runs outside any coroutine; the wake-up enters at once, in io.
+  aio_bh_schedule_oneshot(s.io, () => {
+    s.log.push(`io bh ${who()}`);
+    aio_co_wake(s.ioWorker as Coroutine);
+    s.log.push(`io bh woke io-worker done=${s.ioDone}`);
+  });
+  try {
+    s.log.push(`waited=${AIO_WAIT_WHILE(s.io, () => !s.ioDone && qemu_clock_get_ns(QEMU_CLOCK_REALTIME) < s.deadline)}`);
+  } catch (e) {
+    s.log.push(`wait threw ${(e as Error).name}`);
+  }
+  s.log.push(`waiter after the wait ${who()}@${qemu_get_current_aio_context().name}`);
+}
+
+test('S69/DESIGN: inside a coroutine, a wait runs another context\'s callbacks outside it (a wake-up there enters at once, in that context); its own context\'s inside it (deferred, S69b)', () => {
+  const t = iothread_create('in-co-wait-io');
+  const io = iothread_get_aio_context(t);
+  const s: InCoWait = {
+    io,
+    log: [],
+    mainWorker: null,
+    ioWorker: null,
+    ioDone: false,
+    deadline: qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 2e9,
+  };
+  s.mainWorker = qemu_coroutine_create(parkedWorker, s, 'main-worker');
+  qemu_coroutine_enter(s.mainWorker); // parked, home main
+  s.ioWorker = qemu_coroutine_create(parkedWorker, s, 'io-worker');
+  qemu_aio_coroutine_enter(io, s.ioWorker); // parked, home io
+  const waiter = qemu_coroutine_create(waitsInCoroutine, s, 'waiter');
+  qemu_coroutine_enter(waiter);
+  s.log.push('enter returned');
+  qemu_coroutine_enter(waiter);
+  assert.equal(s.log, [
+    'main bh in_coroutine=true self_is_waiter=true',
+    'main bh woke main-worker',
+    'poll main=true',
+    'waiter yields',
+    'main-worker resumed@main home=main in_coroutine=true',
+    'enter returned',
+    'io bh in_coroutine=false self_is_waiter=false',
+    'io-worker resumed@in-co-wait-io home=in-co-wait-io in_coroutine=true',
+    'io bh woke io-worker done=true',
+    'waited=true',
+    'waiter after the wait in_coroutine=true self_is_waiter=true@main',
+  ]);
+  assert.is(qemu_in_coroutine(), false);
+  assert.is(qemu_get_current_aio_context(), main);
+  assertIdle(main, io);
+  iothread_destroy(t);
+});
+
+interface Ticker {
+  timer: QEMUTimer | null;
+}
+
+function tick1ms(k: Ticker): void {
+  timer_mod_ns(k.timer as QEMUTimer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 1_000_000);
+}
+
+function* wakesIoWorkerAndWaits(s: InCoWait): CoroutineFn<void> {
+  aio_bh_schedule_oneshot(s.io, () => aio_co_wake(s.ioWorker as Coroutine));
+  s.log.push(`waited=${AIO_WAIT_WHILE(s.io, () => !s.ioDone && qemu_clock_get_ns(QEMU_CLOCK_REALTIME) < s.deadline)}`);
+}
+
+test('S69/DESIGN: a wait inside a coroutine for an IOThread coroutine woken by that IOThread\'s BH ends at once, even with a periodic timer that keeps the wait alive', () => {
+  const t = iothread_create('in-co-wait-tick-io');
+  const io = iothread_get_aio_context(t);
+  // An unrelated periodic timer, as any real program has: nothing can prove the wait endless.
+  const tick: Ticker = { timer: null };
+  tick.timer = aio_timer_new(main, QEMU_CLOCK_REALTIME, SCALE_NS, tick1ms, tick);
+  timer_mod_ns(tick.timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 1_000_000);
+  const t0 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+  const s: InCoWait = { io, log: [], mainWorker: null, ioWorker: null, ioDone: false, deadline: t0 + 500_000_000 };
+  s.ioWorker = qemu_coroutine_create(parkedWorker, s, 'io-worker');
+  qemu_aio_coroutine_enter(io, s.ioWorker);
+  qemu_coroutine_enter(qemu_coroutine_create(wakesIoWorkerAndWaits, s, 'waiter'));
+  const elapsed = qemu_clock_get_ns(QEMU_CLOCK_REALTIME) - t0;
+  assert.equal(s.log, ['io-worker resumed@in-co-wait-tick-io home=in-co-wait-tick-io in_coroutine=true', 'waited=true']);
+  assert.ok(elapsed < 400_000_000, `the wait spun for ${elapsed} ns`);
+  assert.is(timer_pending(tick.timer), true, 'the periodic timer stayed armed throughout');
+  timer_del(tick.timer);
+  assertIdle(main, io);
+  iothread_destroy(t);
 });
 
 test.run();

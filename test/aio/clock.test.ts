@@ -1,6 +1,8 @@
 // QEMU's clocks and aioco's manual virtual clock (src/aio/clock.ts): rules S46, S51, S54 and
 // API.md's clock rules. The first tests need VIRTUAL untouched (fresh process), so they
 // come first; every test restores manual mode and enabled state.
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
@@ -15,6 +17,7 @@ import {
   SCALE_US,
   aio_compute_timeout,
   aio_context_new,
+  aio_context_unref,
   aio_notify_accept,
   aio_poll,
   aio_timer_new,
@@ -337,6 +340,103 @@ test('S54 qemu_timeout_ns_to_ms rounds up, keeps -1, clamps to INT32_MAX', () =>
   assert.is(qemu_timeout_ns_to_ms(1_000_001), 2);
   assert.is(qemu_timeout_ns_to_ms(10_000_000), 10);
   assert.is(qemu_timeout_ns_to_ms(1e18), 0x7fffffff);
+});
+
+// --- Leaving manual mode (review regressions) ---
+
+test('API leaving manual mode continues from the value reached: no jump for the real time spent in manual mode', () => {
+  const spinMs = (ms: number) => {
+    const until = qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + ms * 1e6;
+    while (qemu_clock_get_ns(QEMU_CLOCK_REALTIME) < until);
+  };
+  // Left without advancing: 20 ms of real time pass in manual mode.
+  let reached = 0;
+  let r0 = 0;
+  qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, true);
+  try {
+    reached = qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL);
+    spinMs(20);
+    assert.is(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL), reached);
+    r0 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+  } finally {
+    qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, false);
+  }
+  let after = qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL);
+  let r1 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+  // From the value reached it moves at REALTIME's pace: by at most the real time between r0 and r1.
+  assert.ok(after >= reached && after - reached <= r1 - r0, `jumped by ${after - reached} ns; at most ${r1 - r0} ns allowed`);
+
+  // Advanced by 5 ms while 20 ms of real time pass: it continues from the advanced value.
+  qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, true);
+  try {
+    const t0 = qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL);
+    spinMs(20);
+    qemu_clock_advance_virtual_time(t0 + 5_000_000);
+    reached = qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL);
+    assert.is(reached, t0 + 5_000_000);
+    r0 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+  } finally {
+    qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, false);
+  }
+  after = qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL);
+  r1 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+  assert.ok(after >= reached && after - reached <= r1 - r0, `jumped by ${after - reached} ns; at most ${r1 - r0} ns allowed`);
+  // and then follows REALTIME
+  spinMs(1);
+  assert.ok(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) >= after + 1_000_000);
+});
+
+test('API leaving manual mode notifies contexts whose timers are on QEMU_CLOCK_VIRTUAL_RT too', () => {
+  let deadline = 0;
+  const ctx = aio_context_new();
+  const log: string[] = [];
+  const ts = aio_timer_new(ctx, QEMU_CLOCK_VIRTUAL_RT, SCALE_NS, () => log.push('virtual_rt'));
+  withManualClock((t0) => {
+    deadline = t0 + 20_000_000; // 20 ms ahead
+    timer_mod_ns(ts, deadline);
+    aio_notify_accept(ctx);
+  });
+  assert.is(aio_poll(ctx, true), false); // woken by leaving manual mode (the timer is not due yet)
+  assert.equal(log, []);
+  assert.is(aio_poll(ctx, true), true); // now it sleeps until the deadline
+  assert.equal(log, ['virtual_rt']);
+  assert.ok(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL_RT) >= deadline);
+  aio_context_unref(ctx);
+});
+
+interface ChildResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `node ...args` from the repository root; killed after 10 s. */
+function runNode(args: string[]): Promise<ChildResult> {
+  const root = fileURLToPath(new URL('../..', import.meta.url));
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, args, {
+      cwd: root,
+      env: { ...process.env, FORCE_COLOR: '0' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => (stdout += b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b));
+    const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.on('close', (code, signal) => {
+      clearTimeout(killer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+test('DESIGN (host loop): a QEMU_CLOCK_VIRTUAL_RT timer armed in manual mode keeps Node alive once manual mode is left, and runs', async () => {
+  const r = await runNode(['--import', 'tsx', 'test/aio/fixtures/host-virtual-rt-manual-off.ts']);
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'manual mode left\nexit 0 ran=["virtual_rt timer@main"] pending=false\n');
 });
 
 test.run();

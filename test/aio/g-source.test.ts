@@ -30,6 +30,7 @@ import {
   timer_mod_ns,
   timer_pending,
   type QEMUBH,
+  type QEMUTimer,
 } from '../../src/index.ts';
 
 const main = qemu_get_aio_context();
@@ -317,10 +318,10 @@ interface ChildResult {
   ms: number;
 }
 
-function runFixture(name: string, timeoutMs = 10_000): Promise<ChildResult> {
+function runFixture(name: string, timeoutMs = 10_000, args: string[] = []): Promise<ChildResult> {
   return new Promise((resolve) => {
     const start = Date.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', `test/aio/fixtures/${name}`], {
+    const child = spawn(process.execPath, ['--import', 'tsx', `test/aio/fixtures/${name}`, ...args], {
       cwd: root,
       env: { ...process.env, FORCE_COLOR: '0' },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -359,6 +360,92 @@ test('DESIGN: a coroutine parked in coAwait keeps Node alive until its promise s
   assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
   assert.is(r.code, 0, r.stderr);
   assert.is(r.stdout, 'parked\nresumed 42 after >=50ms\nexit 0\n');
+});
+
+// --- Review regressions: one dispatch per turn, stale host timers, errors of one turn ---
+
+interface TurnCounter {
+  bh: QEMUBH | null;
+  runs: number;
+  stop: boolean;
+}
+function countRun(c: TurnCounter): void {
+  c.runs++;
+  if (!c.stop) qemu_bh_schedule(c.bh as QEMUBH);
+}
+interface Ticker {
+  timer: QEMUTimer | null;
+  ticks: number;
+}
+function tick1ms(k: Ticker): void {
+  k.ticks++;
+  timer_mod_ns(k.timer as QEMUTimer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 1_000_000);
+}
+
+test('DESIGN: an attached context is dispatched at most once per Node loop turn, also in turns where a host timer fires', async () => {
+  const c: TurnCounter = { bh: null, runs: 0, stop: false };
+  c.bh = aio_bh_new(main, countRun, c);
+  const k: Ticker = { timer: null, ticks: 0 };
+  k.timer = aio_timer_new(main, QEMU_CLOCK_REALTIME, SCALE_NS, tick1ms, k);
+  qemu_bh_schedule(c.bh);
+  timer_mod_ns(k.timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 1_000_000);
+  // Runs of the self-rescheduling BH between two consecutive check phases (one loop turn).
+  const perTurn: number[] = [];
+  const done = deferred();
+  const marker = () => {
+    perTurn.push(c.runs);
+    c.runs = 0;
+    if (perTurn.length < 300 || k.ticks < 5) setImmediate(marker);
+    else done.resolve();
+  };
+  setImmediate(marker);
+  await within(done.promise, 5000, '300 loop turns with at least 5 timer ticks');
+  c.stop = true;
+  timer_del(k.timer);
+  await turns(2);
+  qemu_bh_delete(c.bh);
+  assert.ok(k.ticks >= 5, `the timer fired ${k.ticks} times`);
+  // The first marker may run before the drive's first immediate; every later turn has exactly one run.
+  assert.equal(perTurn.slice(1).filter((n) => n !== 1), [], `runs per turn: ${JSON.stringify(perTurn)}`);
+  assert.is(aio_poll(main, false), false);
+});
+
+test('DESIGN: a finished program exits at once after timer_del of the timer the host timer was armed for', async () => {
+  const r = await runFixture('host-exit-stale-timer.ts', 10_000, ['timer_del']);
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'armed true\ntimer_del pending=false\nexit 0 promptly\n');
+});
+
+test('DESIGN: a finished program exits at once when its only timer\'s clock is put in manual mode', async () => {
+  const r = await runFixture('host-exit-stale-timer.ts', 10_000, ['manual']);
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'armed true\nmanual pending=true\nexit 0 promptly\n');
+});
+
+test('S51/DESIGN: a finished program exits at once when its only timer\'s clock is disabled', async () => {
+  const r = await runFixture('host-exit-stale-timer.ts', 10_000, ['disable']);
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'armed true\ndisable pending=true\nexit 0 promptly\n');
+});
+
+test('DESIGN: a coroutine resumed from coAwait that deletes its guard timer lets the program exit at once', async () => {
+  const r = await runFixture('host-exit-coawait-timer-del.ts');
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stdout, 'guard armed true\nresumed 7, guard pending=false\nexit 0 promptly\n');
+});
+
+test('DESIGN ("never swallowed"): errors of two contexts in one host dispatch surface together as an AggregateError, in dispatch order', async () => {
+  const r = await runFixture('host-dispatch-two-errors.ts');
+  assert.is(r.signal, null, `killed: stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(
+    r.stdout,
+    'caught AggregateError: aio_dispatch: several callbacks failed in one Node loop turn [MainFailure: main failed, IoFailure: io failed]\nexit 0\n',
+  );
 });
 
 test.run();

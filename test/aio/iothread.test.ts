@@ -15,6 +15,7 @@ import {
   aio_co_reschedule_self,
   aio_co_schedule,
   aio_context_set_poll_params,
+  aio_get_thread_pool,
   aio_poll,
   aio_timer_new,
   iothread_create,
@@ -30,6 +31,8 @@ import {
   qemu_get_current_aio_context,
   qemu_init_main_loop,
   qemu_clock_get_ns,
+  thread_pool_nop,
+  thread_pool_submit_aio,
   timer_del,
   timer_mod_ns,
   type CoroutineFn,
@@ -237,6 +240,65 @@ test('S70 several coroutines hop to the same IOThread and back under the host lo
   await within(Promise.all(all), 2000, 'three round trips');
   for (const trip of trips) assert.equal(trip.log, ['start main/main', 'in io io-many/io-many', 'back main/main']);
   iothread_destroy(t);
+});
+
+// --- A refused iothread_destroy changes nothing (S2: finalize checks before it frees) ---
+
+function* logWhere(log: string[]): CoroutineFn<void> {
+  log.push(`co@${qemu_get_current_aio_context().name}`);
+}
+
+test('S2 an iothread_destroy refused for an armed timer leaves the IOThread working: aio_co_schedule and BHs still run; a later destroy succeeds', () => {
+  const t = iothread_create('io-refused');
+  const ctx = iothread_get_aio_context(t);
+  const ts = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, leakedTimer);
+  timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 60e9);
+  assert.throws(
+    () => iothread_destroy(t),
+    isQemuErr(
+      "aio_ctx_finalize: timer 'leakedTimer' is still armed in context 'io-refused' (timerlist_free: Assertion '!timerlist_has_timers(timer_list)' failed)",
+    ),
+  );
+  timer_del(ts);
+  const log: string[] = [];
+  aio_co_schedule(ctx, qemu_coroutine_create(logWhere, log, 'scheduled-after-refusal'));
+  assert.is(aio_poll(ctx, false), true);
+  assert.equal(log, ['co@io-refused']);
+  aio_bh_schedule_oneshot(ctx, () => log.push(`bh@${qemu_get_current_aio_context().name}`));
+  assert.is(aio_poll(ctx, false), true);
+  assert.equal(log, ['co@io-refused', 'bh@io-refused']);
+  iothread_destroy(t);
+  assert.throws(() => aio_poll(ctx, false), isQemuErr("aio_poll: context 'io-refused' was finalized"));
+  // the id is free again
+  iothread_destroy(iothread_create('io-refused'));
+});
+
+test('S2/S97 an iothread_destroy refused for an armed timer leaves its thread pool working: a request submitted after it completes; a later destroy succeeds', () => {
+  const t = iothread_create('io-refused-pool');
+  const ctx = iothread_get_aio_context(t);
+  const pool = aio_get_thread_pool(ctx);
+  const ts = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, leakedTimer);
+  timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 60e9);
+  assert.throws(
+    () => iothread_destroy(t),
+    isQemuErr(
+      "aio_ctx_finalize: timer 'leakedTimer' is still armed in context 'io-refused-pool' (timerlist_free: Assertion '!timerlist_has_timers(timer_list)' failed)",
+    ),
+  );
+  timer_del(ts);
+  assert.is(aio_get_thread_pool(ctx), pool, 'the same pool');
+  const log: string[] = [];
+  thread_pool_submit_aio(pool, thread_pool_nop, null, (opaque: unknown, ret: number) => {
+    log.push(`cb ${String(opaque)} ret=${ret}@${qemu_get_current_aio_context().name}`);
+  }, 'req');
+  // A guard timer bounds the wait: should the request never complete, the test fails instead of hanging.
+  const guard = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, () => log.push('guard fired'));
+  timer_mod_ns(guard, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 5e9);
+  assert.is(AIO_WAIT_WHILE(ctx, () => log.length === 0), true);
+  timer_del(guard);
+  assert.equal(log, ['cb req ret=0@io-refused-pool']);
+  iothread_destroy(t);
+  assert.throws(() => aio_poll(ctx, false), isQemuErr("aio_poll: context 'io-refused-pool' was finalized"));
 });
 
 test.run();

@@ -340,4 +340,86 @@ test('S58: qemu_co_queue_wait outside a coroutine throws "Co-routine is yielding
   assert.is(qemu_co_queue_empty(q), true);
 });
 
+// --- Errors leave the queue consistent (DESIGN "Exceptions never drop queued work") ---
+
+/** Waits with a lock it does not hold, reports the error, then waits for real (no lock). */
+function* waitWithUnheldLock(s: Shared): CoroutineFn<void> {
+  try {
+    yield* qemu_co_queue_wait(s.q, s.m);
+    s.log.push(`${name()}:first wait returned`);
+  } catch (e) {
+    const err = e as Error;
+    s.log.push(`${name()}:${err instanceof CoroutineError ? 'CoroutineError' : err.name} ${err.message} empty=${qemu_co_queue_empty(s.q)}`);
+  }
+  yield* qemu_co_queue_wait(s.q);
+  s.log.push(`${name()}:woken`);
+}
+
+test('S72: qemu_co_queue_wait whose unlock throws (lock free, or held by another) never queued the caller; it can wait normally afterwards', () => {
+  // The mutex is free: QEMU's 'mutex->locked' assertion.
+  const s = shared();
+  spawn(waitWithUnheldLock, s, 'W');
+  assert.equal(s.log, ["W:CoroutineError qemu_co_mutex_unlock: Assertion 'mutex->locked' failed empty=true"]);
+  assert.is(qemu_co_queue_empty(s.q), false, 'W now waits for real');
+  assert.is(qemu_co_queue_next(s.q), true);
+  assert.equal(s.log.slice(1), ['W:woken']);
+  assert.is(qemu_co_queue_empty(s.q), true);
+  assert.is(qemu_co_queue_next(s.q), false);
+
+  // Another coroutine holds it: the 'mutex->holder == self' assertion; the holder keeps it.
+  const t = shared();
+  const h = spawn(holdMutex, t, 'H');
+  spawn(waitWithUnheldLock, t, 'W2');
+  assert.equal(t.log, ["W2:CoroutineError qemu_co_mutex_unlock: Assertion 'mutex->holder == self' failed empty=true"]);
+  assert.is(t.m.holder, h);
+  assert.is(qemu_co_queue_next(t.q), true);
+  assert.equal(t.log.slice(1), ['W2:woken']);
+  assert.is(qemu_co_queue_empty(t.q), true);
+  qemu_coroutine_enter(h);
+  assert.is(t.m.locked, 0);
+});
+
+class WaiterFailure extends Error {}
+
+interface Failing {
+  s: Shared;
+  fail: string[];
+}
+
+/** Waits on the queue; once woken, logs and throws if its name is in `fail`. */
+function* failingWaiter(f: Failing): CoroutineFn<void> {
+  yield* qemu_co_queue_wait(f.s.q);
+  f.s.log.push(`${name()}:woken`);
+  if (f.fail.includes(name())) throw new WaiterFailure(`${name()} failed`);
+}
+
+test('S73 + "exceptions never drop queued work": restart_all from plain code wakes every waiter even if the first throws, then rethrows its error', () => {
+  const f: Failing = { s: shared(), fail: ['A'] };
+  spawn(failingWaiter, f, 'A');
+  spawn(failingWaiter, f, 'B');
+  spawn(failingWaiter, f, 'C');
+  const e = thrown(() => qemu_co_queue_restart_all(f.s.q));
+  assert.ok(e instanceof WaiterFailure && e.message === 'A failed', String(e));
+  assert.equal(f.s.log, ['A:woken', 'B:woken', 'C:woken']);
+  assert.is(qemu_co_queue_empty(f.s.q), true);
+  assert.is(qemu_co_queue_next(f.s.q), false);
+});
+
+test('S73 + "exceptions never drop queued work": restart_all from plain code with several throwing waiters wakes all, then throws an AggregateError of their errors in order', () => {
+  const f: Failing = { s: shared(), fail: ['A', 'C'] };
+  spawn(failingWaiter, f, 'A');
+  spawn(failingWaiter, f, 'B');
+  spawn(failingWaiter, f, 'C');
+  const e = thrown(() => qemu_co_queue_restart_all(f.s.q));
+  assert.instance(e, AggregateError);
+  const agg = e as AggregateError;
+  assert.is(agg.message, 'qemu_co_queue_restart_all: several coroutines failed');
+  assert.equal(
+    agg.errors.map((x: unknown) => (x instanceof WaiterFailure ? `WaiterFailure ${x.message}` : String(x))),
+    ['WaiterFailure A failed', 'WaiterFailure C failed'],
+  );
+  assert.equal(f.s.log, ['A:woken', 'B:woken', 'C:woken']);
+  assert.is(qemu_co_queue_empty(f.s.q), true);
+});
+
 test.run();
