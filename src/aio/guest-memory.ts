@@ -23,8 +23,12 @@ export interface Slab {
 const SLAB_SIZE = 4 << 20;
 const MAX_CLASS = 1 << 20;
 const MIN_CLASS = 512;
-/** Each slab's first 8 KiB are never handed out: the phase probe reads into them. */
-const PROBE_AREA = 8192;
+/** Each slab's first 16 KiB are never handed out: the phase probe reads into them. */
+const PROBE_AREA = 16384;
+/** The probe's read: two pages, so it crosses a page boundary wherever it starts. */
+const PROBE_LEN = 8192;
+/** An O_DIRECT descriptor to probe new slabs with, once one is known. */
+let probeFd = -1;
 
 /** @internal every slab by id; workers receive each once. */
 export const slabs: Slab[] = [];
@@ -62,6 +66,7 @@ const ownSlabs = new WeakSet<Slab>();
 function newSlab(size: number): Slab {
   const s = slabOf(new SharedArrayBuffer(size));
   ownSlabs.add(s);
+  if (probeFd >= 0) probeSlab(s, probeFd);
   return s;
 }
 
@@ -144,25 +149,40 @@ export function guestMemoryIsAligned(view: Uint8Array, align: number): boolean {
 }
 
 /**
+ * Finds where O_DIRECT accepts `s`'s memory: the first offset (in 8-byte steps; JS
+ * buffers start wherever malloc put them, e.g. 16 bytes past a page) at which a
+ * two-page O_DIRECT read succeeds. The device's rule, whatever it is (512-byte or
+ * 4096-byte alignment), is then met by offsets phase + k * alignment.
+ */
+function probeSlab(s: Slab, fd: number): boolean {
+  for (let off = 0; off < 4096; off += 8) {
+    try {
+      readSync(fd, new Uint8Array(s.sab, off, PROBE_LEN), 0, PROBE_LEN, 0);
+      s.phase = off;
+      s.phaseKnown = true;
+      return true;
+    } catch {
+      // EINVAL: not aligned here; try the next step.
+    }
+  }
+  return false;
+}
+
+/**
  * @internal Measures every unprobed slab's phase with O_DIRECT reads on `fd` (opened with
- * O_DIRECT, at least 4096 bytes long): the first 512-byte step at which a 4096-byte read
- * succeeds. Returns how many slabs were probed.
+ * O_DIRECT on a file of at least 8 KiB, which is only read), and remembers `fd` for slabs
+ * made later. Returns how many slabs were probed. The file driver calls it on its first
+ * `cache.direct=on` open; until then buffers are assumed aligned at offset 0 and O_DIRECT
+ * I/O must bounce when they are not.
  */
 export function guestMemoryProbePhase(fd: number): number {
   let n = 0;
   for (const s of slabs) {
-    if (s.phaseKnown || s.sab.byteLength < PROBE_AREA || !ownSlabs.has(s)) continue;
-    for (let off = 0; off < 4096; off += 512) {
-      try {
-        readSync(fd, new Uint8Array(s.sab, off, 4096), 0, 4096, 0);
-        s.phase = off;
-        s.phaseKnown = true;
-        n++;
-        break;
-      } catch {
-        // EINVAL: not aligned here; try the next step.
-      }
-    }
+    if (s.phaseKnown || !ownSlabs.has(s)) continue;
+    if (probeSlab(s, fd)) n++;
   }
+  if (n > 0 || slabs.length === 0) probeFd = fd;
+  // Free lists hold views placed before the probe: drop them rather than hand out misaligned memory.
+  if (n > 0) freeLists.clear();
   return n;
 }

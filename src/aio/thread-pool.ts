@@ -485,7 +485,8 @@ export function aio_get_thread_pool(ctx: AioContext): ThreadPool {
  * by the pool).
  * Surprises: the callback never runs before this returns; requests finished together
  * complete newest first (S93); cancelling helps only while the request is still QUEUED
- * (then ret is -ECANCELED); a running one completes with its real result.
+ * (then ret is -ECANCELED); a running one completes with its real result. A user
+ * function's `arg` that cannot be cloned throws DataCloneError here, submitting nothing.
  */
 export function thread_pool_submit_aio<A>(
   pool: ThreadPool,
@@ -494,6 +495,9 @@ export function thread_pool_submit_aio<A>(
   cb: BlockCompletionFunc | null,
   opaque?: unknown,
 ): ThreadPoolElement {
+  // A user function's arg is cloned to the workers later: refuse one that cannot be now,
+  // before anything is queued (DataCloneError, as postMessage would throw).
+  if (func.op === OP_USER) structuredClone(arg);
   const elem = qemu_aio_get(thread_pool_aiocb_info, null, cb, opaque);
   elem.pool = pool;
   elem.func = func;
