@@ -461,7 +461,8 @@ test('DESIGN: a skipped IOThread whose only work is an armed timer is named too;
   const ts = aio_timer_new(io, QEMU_CLOCK_REALTIME, SCALE_NS, () => {
     fired = true;
   });
-  timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 2_000_000);
+  // Far enough ahead that a loaded machine cannot reach it before the BH runs.
+  timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 300_000_000);
   aio_bh_schedule_oneshot(io, () => {
     try {
       AIO_WAIT_WHILE(null, () => !fired);
