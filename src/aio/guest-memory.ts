@@ -3,10 +3,13 @@
  * threads read and write them in place. QEMU: `qemu_memalign` / `qemu_vfree` (util/oslib).
  *
  * JS cannot see addresses, but O_DIRECT needs buffers aligned in real memory. Each slab
- * has a "phase": the byte offset inside it at which real addresses are 4096-aligned. It
- * is assumed 0 (large SharedArrayBuffers are page-aligned mappings on Linux) until an
- * O_DIRECT probe measures it (`guestMemoryProbePhase`); views are handed out aligned
- * relative to the phase.
+ * has a "phase": the byte offset inside it from which O_DIRECT accepts the memory. It is
+ * assumed 0 until an O_DIRECT probe measures it (`guestMemoryProbePhase`); views are handed
+ * out at phase + k * alignment. Measured here: a SharedArrayBuffer starts 16 bytes past a
+ * page (malloc's header), and the probe finds phase 496, i.e. alignment as fine as the
+ * device requires (512 bytes on a 512-byte-sector disk): the probe cannot tell more. The
+ * thread pool's workers retry an O_DIRECT EINVAL through an aligned buffer of their own,
+ * so memory layout never fails a request, it only costs a copy.
  */
 import { readSync } from 'node:fs';
 import { QemuError } from './error.ts';
@@ -15,7 +18,7 @@ import { QemuError } from './error.ts';
 export interface Slab {
   id: number;
   sab: SharedArrayBuffer;
-  /** Offset at which real addresses are 4096-aligned (0 assumed until probed). */
+  /** Offset from which O_DIRECT accepts the memory (0 assumed until probed). */
   phase: number;
   phaseKnown: boolean;
 }
@@ -41,6 +44,8 @@ interface Allocation {
   offset: number;
   cls: number; // size class, 0 for a dedicated slab
   freed: boolean;
+  /** The slab's phase when this was handed out: reused only while it still holds. */
+  phase: number;
 }
 const allocations = new WeakMap<Uint8Array, Allocation>();
 const freeLists = new Map<number, { slab: Slab; offset: number }[]>();
@@ -71,7 +76,7 @@ function newSlab(size: number): Slab {
 }
 
 function isPow2(n: number): boolean {
-  return n > 0 && (n & (n - 1)) === 0;
+  return Number.isInteger(n) && n > 0 && n <= 2 ** 30 && (n & (n - 1)) === 0;
 }
 
 /** Offset >= `from` in `slab` whose real address is a multiple of `align`. */
@@ -98,7 +103,7 @@ export function qemu_memalign(alignment: number, size: number): Uint8Array {
     const slab = newSlab(PROBE_AREA + Math.ceil((need + Math.max(alignment, 4096)) / 4096) * 4096);
     const offset = alignUp(slab, PROBE_AREA, alignment);
     const view = new Uint8Array(slab.sab, offset, size);
-    allocations.set(view, { slab, offset, cls: 0, freed: false });
+    allocations.set(view, { slab, offset, cls: 0, freed: false, phase: slab.phase });
     return view;
   }
   const list = freeLists.get(cls);
@@ -118,7 +123,7 @@ export function qemu_memalign(alignment: number, size: number): Uint8Array {
     bump = offset + cls;
   }
   const view = new Uint8Array(slab.sab, offset, size);
-  allocations.set(view, { slab, offset, cls, freed: false });
+  allocations.set(view, { slab, offset, cls, freed: false, phase: slab.phase });
   return view;
 }
 
@@ -132,7 +137,8 @@ export function qemu_vfree(p: Uint8Array | null): void {
   if (a === undefined) return;
   if (a.freed) throw new QemuError('qemu_vfree: buffer freed twice');
   a.freed = true;
-  if (a.cls === 0) return;
+  // A block placed before the slab's phase was measured is misaligned: never hand it out again.
+  if (a.cls === 0 || a.phase !== a.slab.phase) return;
   let list = freeLists.get(a.cls);
   if (list === undefined) freeLists.set(a.cls, (list = []));
   list.push({ slab: a.slab, offset: a.offset });

@@ -20,7 +20,13 @@ const EINVAL = 22;
 
 const slabs = [];
 for (const [sid, sab] of workerData.slabs) slabs[sid] = sab;
-const pendingArgs = new Map(workerData.args);
+// slot -> [generation, arg]: a newer request in the same slot replaces an older one,
+// whichever worker ran it, so this holds at most one entry per slot.
+const pendingArgs = new Map();
+for (const [key, arg] of workerData.args) {
+  const [slot, gen] = key.split(':').map(Number);
+  pendingArgs.set(slot, [gen, arg]);
+}
 const funcs = new Map(workerData.funcs);
 const loaded = new Map();
 const reportedThrow = new Set();
@@ -28,7 +34,11 @@ const reportedThrow = new Set();
 function handle(msg) {
   switch (msg.t) {
     case 'slab': slabs[msg.id] = msg.sab; break;
-    case 'arg': pendingArgs.set(msg.key, msg.arg); break;
+    case 'arg': {
+      const [slot, gen] = msg.key.split(':').map(Number);
+      pendingArgs.set(slot, [gen, msg.arg]);
+      break;
+    }
     case 'func': funcs.set(msg.id, msg.func); break;
   }
 }
@@ -129,6 +139,75 @@ function pwritevFull(fd, vs, pos) {
   return 0;
 }
 
+// O_DIRECT refuses memory that is not aligned the way the device wants, and JS cannot
+// see addresses. On EINVAL the request is retried through this worker's own buffer at
+// the offset where O_DIRECT accepts it (found once, by trying), as QEMU bounces
+// misaligned requests: JS memory layout never causes an EINVAL.
+let direct = null; // { sab, phase }
+const PROBE_LEN = 8192;
+function directBuffer(fd, len) {
+  if (direct === null || direct.sab.byteLength < direct.phase + len) {
+    const sab = new SharedArrayBuffer(Math.max(len, PROBE_LEN) + 8192);
+    let phase = -1;
+    let size = 0;
+    try {
+      size = fs.fstatSync(fd).size;
+    } catch {
+      size = 0;
+    }
+    if (size >= PROBE_LEN) {
+      for (let off = 0; off < 4096; off += 8) {
+        try {
+          fs.readSync(fd, new Uint8Array(sab, off, PROBE_LEN), 0, PROBE_LEN, 0);
+          phase = off;
+          break;
+        } catch {
+          // not here
+        }
+      }
+    }
+    direct = { sab, phase };
+  }
+  return direct;
+}
+
+function rwAligned(fd, vs, pos, write) {
+  try {
+    return write ? pwritevFull(fd, vs, pos) : preadvFull(fd, vs, pos);
+  } catch (e) {
+    if (!e || e.code !== 'EINVAL') throw e;
+  }
+  const len = total(vs);
+  const d = directBuffer(fd, len);
+  // Without a measured phase (a file under 8 KiB), each offset is tried with the request itself.
+  const candidates = d.phase >= 0 ? [d.phase] : Array.from({ length: 512 }, (_, i) => i * 8);
+  let lastErr = null;
+  for (const off of candidates) {
+    const b = new Uint8Array(d.sab, off, len);
+    try {
+      if (write) {
+        let o = 0;
+        for (const v of vs) {
+          b.set(v, o);
+          o += v.length;
+        }
+        return pwritevFull(fd, [b], pos);
+      }
+      const r = preadvFull(fd, [b], pos);
+      let o = 0;
+      for (const v of vs) {
+        v.set(b.subarray(o, o + v.length));
+        o += v.length;
+      }
+      return r;
+    } catch (e) {
+      if (!e || e.code !== 'EINVAL') throw e;
+      lastErr = e;
+    }
+  }
+  throw lastErr;
+}
+
 let zeroes = null;
 function writeZeroes(fd, pos, len) {
   zeroes ??= new Uint8Array(1 << 20);
@@ -161,11 +240,12 @@ async function userFunc(fid) {
   return [f, fn];
 }
 
-function takeArg(key) {
-  if (!pendingArgs.has(key)) drainPort();
-  const arg = pendingArgs.get(key);
-  pendingArgs.delete(key);
-  return arg;
+function takeArg(slot, gen) {
+  if (pendingArgs.get(slot)?.[0] !== gen) drainPort();
+  const e = pendingArgs.get(slot);
+  if (e === undefined || e[0] !== gen) throw Object.assign(new Error(`no argument for request ${slot}:${gen}`), { errno: -EIO });
+  pendingArgs.delete(slot);
+  return e[1];
 }
 
 function run(slot) {
@@ -175,8 +255,8 @@ function run(slot) {
   const fd = ctl[sb + 2];
   switch (op) {
     case OP_NOP: return 0;
-    case OP_PREADV: return preadvFull(fd, views(slot, ctl[sb + 3]), f64[fb]);
-    case OP_PWRITEV: return pwritevFull(fd, views(slot, ctl[sb + 3]), f64[fb]);
+    case OP_PREADV: return rwAligned(fd, views(slot, ctl[sb + 3]), f64[fb], false);
+    case OP_PWRITEV: return rwAligned(fd, views(slot, ctl[sb + 3]), f64[fb], true);
     case OP_FSYNC: fs.fsyncSync(fd); return 0;
     case OP_FDATASYNC: fs.fdatasyncSync(fd); return 0;
     case OP_FTRUNCATE: fs.ftruncateSync(fd, f64[fb + 1]); return 0;
@@ -190,7 +270,7 @@ async function runUser(slot) {
   const sb = C_SLOT + slot * S_STRIDE;
   {
     {
-      const arg = takeArg(`${slot}:${ctl[sb + 4]}`);
+      const arg = takeArg(slot, ctl[sb + 4]);
       const [f, fn] = await userFunc(ctl[sb + 5]);
       try {
         let r = fn(arg);

@@ -402,7 +402,10 @@ export class ThreadPool implements AioContextPool {
       subTail = (subTail + 1) | 0;
       Atomics.store(ctl, C_SUB_TAIL, subTail);
       this.inShared++;
-      if (Atomics.load(ctl, C_IDLE) === 0 && Atomics.load(ctl, C_LIVE) < this.max) spawnWorker();
+      // More waiting requests than idle workers (some idle ones may already be woken for
+      // earlier requests): grow, up to `max` (QEMU spawns when no thread is idle).
+      const waiting = (subTail - Atomics.load(ctl, C_SUB_HEAD)) | 0;
+      if (waiting > Atomics.load(ctl, C_IDLE) && Atomics.load(ctl, C_LIVE) < this.max) spawnWorker();
       Atomics.add(ctl, C_SUB_SEQ, 1);
       Atomics.notify(ctl, C_SUB_SEQ, 1);
     }
