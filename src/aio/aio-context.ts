@@ -90,11 +90,18 @@ let mainContext: AioContext | null = null;
  * finished requests to their pools' completion BHs (which notifies those contexts).
  * Installed by thread-pool.ts when it is loaded. @internal
  */
-export const poolHooks: { inFlight: number; ringPending: () => boolean; drain: () => boolean } = {
+export const poolHooks: {
+  inFlight: number;
+  ringPending: () => boolean;
+  drain: () => boolean;
+  tick: () => number;
+} = {
   /** Shared-memory slots in use over all pools: the ring can only fill while non-zero. */
   inFlight: 0,
   ringPending: () => false,
   drain: () => false,
+  /** Grows the workers if requests are stuck waiting; ns until it wants to look again, or -1. */
+  tick: () => -1,
 };
 
 /** Set by aio-context users that must act on notify (the host-loop drive). @internal */

@@ -80,6 +80,9 @@ function drive(primary: AioContext, pollPrimary: boolean, done: () => boolean, d
     }
     const seq = wakeSeq();
     if (done()) return;
+    // A completion that arrived after this round drained the ring bumped the wake word
+    // before `seq` was read: sleeping now would miss it.
+    if (poolHooks.inFlight !== 0 && poolHooks.ringPending()) continue;
     const now = realtimeNs();
     if (deadline >= 0 && now >= deadline) return;
     if (progress) continue;
@@ -93,6 +96,7 @@ function drive(primary: AioContext, pollPrimary: boolean, done: () => boolean, d
       if (c.thread_pool !== null && c.thread_pool.outstanding() > 0) outstanding = true;
     }
     if (workNs < 0 && !outstanding) neverEnds(order, primary);
+    if (poolHooks.inFlight !== 0) workNs = qemu_soonest_timeout(workNs, poolHooks.tick());
     const sleepNs = deadline >= 0 ? qemu_soonest_timeout(workNs, deadline - now) : workNs;
     if (sleepNs === 0) continue;
     wakeWait(seq, sleepNs < 0 ? Infinity : sleepNs / 1e6);

@@ -17,7 +17,7 @@ import {
   poolHooks,
   qemu_get_aio_context,
 } from './aio-context.ts';
-import { realtimeNs } from './clock.ts';
+import { qemu_soonest_timeout, realtimeNs } from './clock.ts';
 import { QemuError } from './error.ts';
 import { aio_dispatch, aio_timers_deadline } from './aio-poll.ts';
 import { parkedCoroutines } from './aio-wait.ts';
@@ -130,6 +130,7 @@ function onTimer(): void {
   } else {
     hostLoopUpdate();
   }
+  // hostLoopUpdate also gave the thread pool its stall check (poolHooks.tick).
 }
 
 function hasOutstanding(): boolean {
@@ -142,8 +143,11 @@ function hasOutstanding(): boolean {
 function armWaitAsync(): void {
   if (waitAsyncArmed) return;
   const seq = wakeSeq();
-  const r = Atomics.waitAsync(wakeWord, 0, seq);
   waitAsyncArmed = true;
+  // A completion posted before `seq` was read would not wake the wait: look first.
+  const r = poolHooks.ringPending()
+    ? ({ async: false } as const)
+    : Atomics.waitAsync(wakeWord, 0, seq);
   const fire = () => {
     waitAsyncArmed = false;
     // Moving completions to their pools' BHs notifies (and so kicks) their contexts.
@@ -165,6 +169,7 @@ export function hostLoopUpdate(): void {
     const t = aio_timers_deadline(ctx, true);
     if (t >= 0 && (next < 0 || t < next)) next = t;
   }
+  if (poolHooks.inFlight !== 0) next = qemu_soonest_timeout(next, poolHooks.tick());
   if (next < 0) {
     if (timer !== null) {
       clearTimeout(timer);

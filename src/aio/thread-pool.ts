@@ -9,6 +9,7 @@
  * as the completion BH being scheduled: every context drains the completion ring between
  * aio_notify_accept and aio_bh_poll, and a blocking wait wakes on it.
  */
+import { availableParallelism } from 'node:os';
 import { MessageChannel, Worker } from 'node:worker_threads';
 import {
   CoroutineError,
@@ -24,6 +25,7 @@ import { aio_bh_new, qemu_bh_cancel, qemu_bh_delete, qemu_bh_schedule, type QEMU
 import { aio_co_wake } from './co-schedule.ts';
 import { ECANCELED, EINPROGRESS } from './errno.ts';
 import { QemuError } from './error.ts';
+import { realtimeNs } from './clock.ts';
 import { hostLoopUpdate } from './g-source.ts';
 import { qemu_memalign, qemu_vfree, slabHooks, slabOf, slabs, type Slab } from './guest-memory.ts';
 import {
@@ -34,7 +36,9 @@ import {
   C_LIVE,
   C_MIN,
   C_SLOT,
+  C_BOOTING,
   C_SHUTDOWN,
+  C_STARTED,
   C_SUB_HEAD,
   C_SUB_RING,
   C_SUB_SEQ,
@@ -215,6 +219,7 @@ slabHooks.onNewSlab = (s: Slab) => {
 function startWatchdog(): Worker {
   const w = new Worker(new URL('./thread-pool-watchdog.mjs', import.meta.url), {
     workerData: { ctlSab, f64Sab, wakeSab: wakeBuffer },
+    execArgv: [],
   });
   w.unref();
   return w;
@@ -228,6 +233,7 @@ function spawnWorker(): void {
   Atomics.store(ctl, wb + 2, 0);
   Atomics.store(ctl, wb + 1, 1);
   Atomics.add(ctl, C_LIVE, 1);
+  Atomics.add(ctl, C_BOOTING, 1);
   watchdog ??= startWatchdog();
   const { port1, port2 } = new MessageChannel();
   const worker = new Worker(workerUrl, {
@@ -242,6 +248,10 @@ function spawnWorker(): void {
       funcs: userFuncs.map((f) => [f.id, { url: f.url, exportName: f.exportName }]),
     },
     transferList: [port1],
+    // Not the parent's --import hooks (tsx): module loading through them needs the main
+    // thread's event loop, so a worker spawned while it blocks in aio_poll would not start.
+    // User .ts modules are loaded through tsx's API inside the worker instead.
+    execArgv: [],
     ...(threadPoolWorkerOptions.resourceLimits ? { resourceLimits: threadPoolWorkerOptions.resourceLimits } : {}),
   });
   worker.unref();
@@ -250,7 +260,7 @@ function spawnWorker(): void {
   worker.on('exit', () => {
     workers.delete(id);
     freeIds.push(id);
-    respawn();
+    maybeGrow();
   });
   workers.set(id, { id, worker });
   watchdog.postMessage({ id, port: port2 }, [port2]);
@@ -355,23 +365,73 @@ function drainCompletions(): boolean {
     finish(elem, f64[slot * F_STRIDE + 2] as number);
     pool.pump();
   }
-  if (any) respawn();
+  // Every poll while requests are in flight looks for stuck ones (cheap: three loads).
+  if (poolHooks.inFlight !== 0) maybeGrow();
   return any;
 }
 
-/** Requests wait in shared memory with no idle worker: a worker died, or exited idle. */
-function respawn(): void {
-  if (Atomics.load(ctl, C_SUB_HEAD) === subTail || Atomics.load(ctl, C_IDLE) !== 0) return;
+/**
+ * How many workers to run. QEMU spawns a thread whenever a request finds none idle, up to
+ * `max` (64). On Node, workers are threads competing with the main thread for few cores:
+ * 64 of them for quick jobs measured 15x slower than 2 (cold wake-ups, a starved main
+ * thread). So: up to one per core at once, and beyond that (up to the pools' `max`) one
+ * more each time requests have waited STALL_NS with no started worker taking any (all
+ * busy, e.g. in functions that block). Requests that wait for each other still all run,
+ * as in QEMU. The check runs whenever the main thread polls, waits or returns to Node's
+ * loop (every STALL_NS while requests wait).
+ */
+const SOFT_CAP = Math.max(2, availableParallelism());
+const STALL_NS = 10_000_000;
+let stallSince = -1;
+let stallStarted = 0;
+
+/** @internal spawns if needed; returns ns until it wants to look again, -1 if never. */
+function maybeGrow(): number {
+  const waiting = (subTail - Atomics.load(ctl, C_SUB_HEAD)) | 0;
+  if (waiting <= Atomics.load(ctl, C_IDLE) + Atomics.load(ctl, C_BOOTING)) {
+    stallSince = -1;
+    return -1;
+  }
   let want = 1;
   for (const p of allPools) if (p.inShared > 0 && p.max > want) want = p.max;
-  if (Atomics.load(ctl, C_LIVE) < want) spawnWorker();
+  const live = Atomics.load(ctl, C_LIVE);
+  if (live >= want) {
+    stallSince = -1;
+    return -1;
+  }
+  if (live < SOFT_CAP) {
+    spawnWorker();
+    stallSince = -1;
+    return -1;
+  }
+  // Every worker still starting (~65 ms): nothing can have taken a request yet.
+  if (live === Atomics.load(ctl, C_BOOTING)) {
+    stallSince = -1;
+    return STALL_NS;
+  }
+  const now = realtimeNs();
+  const started = Atomics.load(ctl, C_STARTED);
+  if (stallSince < 0 || started !== stallStarted) {
+    stallSince = now;
+    stallStarted = started;
+    return STALL_NS;
+  }
+  if (now - stallSince >= STALL_NS) {
+    spawnWorker();
+    stallSince = now;
+    return STALL_NS;
+  }
+  return STALL_NS - (now - stallSince);
 }
+
+
 
 function ringPending(): boolean {
   return Atomics.load(ctl, C_COMP_RING + (compHead & SLOT_MASK)) !== 0;
 }
 poolHooks.ringPending = ringPending;
 poolHooks.drain = drainCompletions;
+poolHooks.tick = maybeGrow;
 
 /** QEMU's `ThreadPool`: one per AioContext (aio_get_thread_pool). */
 export class ThreadPool implements AioContextPool {
@@ -402,13 +462,10 @@ export class ThreadPool implements AioContextPool {
       subTail = (subTail + 1) | 0;
       Atomics.store(ctl, C_SUB_TAIL, subTail);
       this.inShared++;
-      // More waiting requests than idle workers (some idle ones may already be woken for
-      // earlier requests): grow, up to `max` (QEMU spawns when no thread is idle).
-      const waiting = (subTail - Atomics.load(ctl, C_SUB_HEAD)) | 0;
-      if (waiting > Atomics.load(ctl, C_IDLE) && Atomics.load(ctl, C_LIVE) < this.max) spawnWorker();
       Atomics.add(ctl, C_SUB_SEQ, 1);
       Atomics.notify(ctl, C_SUB_SEQ, 1);
     }
+    if (this.inShared !== 0) maybeGrow();
   }
 
   /** @internal AioContextPool */
