@@ -11,7 +11,6 @@ export declare const C_IDLE: number;
 export declare const C_LIVE: number;
 export declare const C_MIN: number;
 export declare const C_SHUTDOWN: number;
-export declare const C_STARTED: number;
 export declare const C_BOOTING: number;
 export declare const C_SUB_RING: number;
 export declare const C_COMP_RING: number;

@@ -20,10 +20,8 @@ export const C_LIVE = 5;
 export const C_MIN = 6;
 /** Set when the process exits: workers then die quietly. */
 export const C_SHUTDOWN = 7;
-/** Requests taken by workers so far (wraps): progress, for the stall detector. */
-export const C_STARTED = 8;
 /** Workers spawned and not yet in their loop. */
-export const C_BOOTING = 9;
+export const C_BOOTING = 8;
 export const C_SUB_RING = 16;
 export const C_COMP_RING = C_SUB_RING + MAX_SLOTS;
 /** Per worker: [current slot + 1, alive, watchdog acknowledged, spare]. */

@@ -8,7 +8,7 @@ import {
   C_SUB_HEAD, C_SUB_TAIL, C_SUB_SEQ, C_IDLE, C_LIVE, C_MIN, C_SUB_RING, C_WORKER, W_STRIDE,
   C_SLOT, S_STRIDE, C_IOV, MAX_IOV, F_STRIDE, SLOT_MASK, ST_QUEUED, ST_ACTIVE, ST_DONE,
   OP_NOP, OP_PREADV, OP_PWRITEV, OP_FSYNC, OP_FDATASYNC, OP_FTRUNCATE, OP_FSTAT_SIZE,
-  OP_WRITE_ZEROES, OP_USER, EIO, C_STARTED, C_BOOTING, pushCompletion, reclaimWorker,
+  OP_WRITE_ZEROES, OP_USER, EIO, C_BOOTING, pushCompletion, reclaimWorker,
 } from './thread-pool-layout.mjs';
 
 const { ctlSab, f64Sab, wakeSab, id } = workerData;
@@ -308,7 +308,6 @@ async function main() {
     }
     const sb = C_SLOT + slot * S_STRIDE;
     Atomics.store(ctl, wb, slot + 1);
-    Atomics.add(ctl, C_STARTED, 1);
     if (Atomics.compareExchange(ctl, sb, ST_QUEUED, ST_ACTIVE) !== ST_QUEUED) {
       // Cancelled while queued: hand the slot back so the main thread can reuse it.
       Atomics.store(ctl, wb, 0);

@@ -38,7 +38,6 @@ import {
   C_SLOT,
   C_BOOTING,
   C_SHUTDOWN,
-  C_STARTED,
   C_SUB_HEAD,
   C_SUB_RING,
   C_SUB_SEQ,
@@ -153,6 +152,7 @@ export class ThreadPoolElement extends BlockAIOCB {
   /** @internal */ ret = 0;
   /** @internal submission order, for S93's newest-first completion. */ seq = 0;
   /** @internal shared-memory slot, -1 while waiting in JS. */ slot = -1;
+  /** @internal when it entered shared memory (REALTIME ns), for the stall check. */ submitNs = 0;
   /** @internal bounce buffers for iovecs over ordinary memory: [bounce, original] pairs. */
   bounce: Uint8Array[] | null = null;
 }
@@ -374,57 +374,43 @@ function drainCompletions(): boolean {
  * How many workers to run. QEMU spawns a thread whenever a request finds none idle, up to
  * `max` (64). On Node, workers are threads competing with the main thread for few cores:
  * 64 of them for quick jobs measured 15x slower than 2 (cold wake-ups, a starved main
- * thread). So: up to one per core at once, and beyond that (up to the pools' `max`) one
- * more each time requests have waited STALL_NS with no started worker taking any (all
- * busy, e.g. in functions that block). Requests that wait for each other still all run,
- * as in QEMU. The check runs whenever the main thread polls, waits or returns to Node's
- * loop (every STALL_NS while requests wait).
+ * thread). So: up to one per core at once; beyond that (up to the pools' `max`) one more
+ * whenever the oldest waiting request has waited STALL_NS (all workers busy, e.g. in jobs
+ * that block), at most one per SPAWN_GAP_NS. Requests that wait for each other still all
+ * run, as in QEMU. The check runs whenever the main thread polls, waits or returns to
+ * Node's loop.
  */
 const SOFT_CAP = Math.max(2, availableParallelism());
 const STALL_NS = 10_000_000;
-let stallSince = -1;
-let stallStarted = 0;
+const SPAWN_GAP_NS = 1_000_000;
+let lastSpawnNs = -Infinity;
 
 /** @internal spawns if needed; returns ns until it wants to look again, -1 if never. */
 function maybeGrow(): number {
-  const waiting = (subTail - Atomics.load(ctl, C_SUB_HEAD)) | 0;
-  if (waiting <= Atomics.load(ctl, C_IDLE) + Atomics.load(ctl, C_BOOTING)) {
-    stallSince = -1;
-    return -1;
-  }
+  const head = Atomics.load(ctl, C_SUB_HEAD);
+  const waiting = (subTail - head) | 0;
+  const booting = Atomics.load(ctl, C_BOOTING);
+  if (waiting <= Atomics.load(ctl, C_IDLE) + booting) return -1;
   let want = 1;
   for (const p of allPools) if (p.inShared > 0 && p.max > want) want = p.max;
   const live = Atomics.load(ctl, C_LIVE);
-  if (live >= want) {
-    stallSince = -1;
-    return -1;
-  }
+  if (live >= want) return -1;
   if (live < SOFT_CAP) {
     spawnWorker();
-    stallSince = -1;
     return -1;
   }
   // Every worker still starting (~65 ms): nothing can have taken a request yet.
-  if (live === Atomics.load(ctl, C_BOOTING)) {
-    stallSince = -1;
-    return STALL_NS;
-  }
+  if (live === booting) return STALL_NS;
+  const oldest = slotElems[Atomics.load(ctl, C_SUB_RING + (head & SLOT_MASK))];
+  if (oldest === null || oldest === undefined) return SPAWN_GAP_NS;
   const now = realtimeNs();
-  const started = Atomics.load(ctl, C_STARTED);
-  if (stallSince < 0 || started !== stallStarted) {
-    stallSince = now;
-    stallStarted = started;
-    return STALL_NS;
-  }
-  if (now - stallSince >= STALL_NS) {
-    spawnWorker();
-    stallSince = now;
-    return STALL_NS;
-  }
-  return STALL_NS - (now - stallSince);
+  const waited = now - oldest.submitNs;
+  if (waited < STALL_NS) return STALL_NS - waited;
+  if (now - lastSpawnNs < SPAWN_GAP_NS) return SPAWN_GAP_NS - (now - lastSpawnNs);
+  lastSpawnNs = now;
+  spawnWorker();
+  return SPAWN_GAP_NS;
 }
-
-
 
 function ringPending(): boolean {
   return Atomics.load(ctl, C_COMP_RING + (compHead & SLOT_MASK)) !== 0;
@@ -456,6 +442,7 @@ export class ThreadPool implements AioContextPool {
       const slot = freeSlots.pop() as number;
       poolHooks.inFlight++;
       elem.slot = slot;
+      elem.submitNs = realtimeNs();
       slotElems[slot] = elem;
       writeRecord(elem, slot);
       Atomics.store(ctl, C_SUB_RING + (subTail & SLOT_MASK), slot);
