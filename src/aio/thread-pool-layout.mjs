@@ -22,6 +22,8 @@ export const C_MIN = 6;
 export const C_SHUTDOWN = 7;
 /** Workers spawned and not yet in their loop. */
 export const C_BOOTING = 8;
+/** The main thread's position in the completion ring, published after each drain. */
+export const C_COMP_HEAD = 9;
 export const C_SUB_RING = 16;
 export const C_COMP_RING = C_SUB_RING + MAX_SLOTS;
 /** Per worker: [current slot + 1, alive, watchdog acknowledged, spare]. */
@@ -57,12 +59,20 @@ export const OP_USER = 8;
 
 export const EIO = 5;
 
-/** Publishes `slot` as finished and wakes the main thread. */
+/**
+ * Publishes `slot` as finished and wakes the main thread, unless an earlier completion it
+ * has not consumed yet already did (one wake-up per batch, not per request). The main
+ * thread publishes its ring position (C_COMP_HEAD) before its last look at the ring, and
+ * this stores the entry before reading that position: either the main thread sees the
+ * entry, or this sees it caught up and wakes it.
+ */
 export function pushCompletion(ctl, wake, slot) {
   const i = Atomics.add(ctl, C_COMP_TAIL, 1);
   Atomics.store(ctl, C_COMP_RING + (i & SLOT_MASK), slot + 1);
-  Atomics.add(wake, 0, 1);
-  Atomics.notify(wake, 0);
+  if (i === Atomics.load(ctl, C_COMP_HEAD)) {
+    Atomics.add(wake, 0, 1);
+    Atomics.notify(wake, 0);
+  }
 }
 
 /**

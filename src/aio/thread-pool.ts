@@ -31,12 +31,14 @@ import { qemu_memalign, qemu_vfree, slabHooks, slabOf, slabs, type Slab } from '
 import {
   CTL_INTS,
   C_COMP_RING,
+  C_COMP_TAIL,
   C_IDLE,
   C_IOV,
   C_LIVE,
   C_MIN,
   C_SLOT,
   C_BOOTING,
+  C_COMP_HEAD,
   C_SHUTDOWN,
   C_SUB_HEAD,
   C_SUB_RING,
@@ -365,6 +367,7 @@ function drainCompletions(): boolean {
     finish(elem, f64[slot * F_STRIDE + 2] as number);
     pool.pump();
   }
+  if (any) Atomics.store(ctl, C_COMP_HEAD, compHead);
   // Every poll while requests are in flight looks for stuck ones (cheap: three loads).
   if (poolHooks.inFlight !== 0) maybeGrow();
   return any;
@@ -603,6 +606,11 @@ export function thread_pool_update_params(pool: ThreadPool, params: { min?: numb
   updateMin();
   while (Atomics.load(ctl, C_LIVE) < min) spawnWorker();
   pool.pump();
+}
+
+/** @internal completions workers have posted so far (wraps), for tests that need them all posted. */
+export function threadPoolPostedCount(): number {
+  return Atomics.load(ctl, C_COMP_TAIL);
 }
 
 /** @internal live physical workers (for benchmarks and tests). */

@@ -82,8 +82,7 @@ import {
 // Internal, for what the public API cannot observe: how many workers exist, the wake
 // word workers bump after posting a completion (to know that all of them are posted),
 // and the O_DIRECT phase probe that the file driver runs.
-import { threadPoolWorkerCount } from '../../src/aio/thread-pool.ts';
-import { wakeSeq } from '../../src/aio/wake.ts';
+import { threadPoolPostedCount, threadPoolWorkerCount } from '../../src/aio/thread-pool.ts';
 import { guestMemoryProbePhase } from '../../src/aio/guest-memory.ts';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
@@ -202,12 +201,12 @@ function startOrder(a: Int32Array): number[] {
 function finishTogether(n: number, cb: (tag: number, ret: number) => void): void {
   drain(main);
   const a = new Int32Array(new SharedArrayBuffer(4 * (n + 1)));
-  const seq0 = wakeSeq();
+  const seq0 = threadPoolPostedCount();
   for (let tag = 1; tag <= n; tag++) thread_pool_submit_aio(pool, inc, { sab: a.buffer, index: tag }, (_o, r) => cb(tag, r));
   const ran = () => a.subarray(1).every((x) => x === 1);
   waitUntil(
-    () => ran() && ((wakeSeq() - seq0) | 0) >= n,
-    () => `${n} requests to run and post their completions (ran: ${Array.from(a.subarray(1))}, posted ${(wakeSeq() - seq0) | 0})`,
+    () => ran() && ((threadPoolPostedCount() - seq0) | 0) >= n,
+    () => `${n} requests to run and post their completions (ran: ${Array.from(a.subarray(1))}, posted ${(threadPoolPostedCount() - seq0) | 0})`,
   );
 }
 
