@@ -220,3 +220,95 @@ export {
   qemu_iovec_is_shared,
 } from './block/qiov.ts';
 export type { QEMUIOVectorSlice, IOVCursor } from './block/qiov.ts';
+
+// Block layer core (QEMU 7.2 block.c, block/io.c, block/block-backend.c)
+export * from './block/block-common.ts';
+export { bdrv_register, bdrv_unregister, bdrv_find_format, bdrv_find_protocol, bdrv_drivers, path_has_protocol } from './block/block-driver.ts';
+export type { BlockDriver, BlockStatusOut, QemuOptDesc } from './block/block-driver.ts';
+export {
+  BDRV_CHILD_DATA,
+  BDRV_CHILD_METADATA,
+  BDRV_CHILD_FILTERED,
+  BDRV_CHILD_COW,
+  BDRV_CHILD_PRIMARY,
+  BDRV_CHILD_IMAGE,
+  BdrvChild,
+  BlockDriverState,
+  bdrv_find_node,
+  bdrv_get_aio_context,
+  bdrv_is_read_only,
+  bdrv_is_inserted,
+  bdrv_ref,
+  bdrv_unref,
+  bdrv_attach_child,
+  bdrv_unref_child,
+  bdrv_getlength,
+  bdrv_refresh_limits,
+  bdrv_open,
+  bdrv_open_child,
+  bdrv_all_states,
+  raw_probe_warning,
+  refresh_total_sectors,
+} from './block/block-driver-state.ts';
+export type { BdrvChildClass } from './block/block-driver-state.ts';
+export { BdrvTrackedRequest } from './block/tracked-request.ts';
+export {
+  bdrv_inc_in_flight,
+  bdrv_dec_in_flight,
+  bdrv_drain_poll,
+  bdrv_drained_begin,
+  bdrv_drained_end,
+  bdrv_drain,
+  bdrv_drain_all_begin,
+  bdrv_drain_all_end,
+  bdrv_drain_all,
+  bdrv_try_change_aio_context,
+  bdrv_set_aio_context,
+} from './block/drain.ts';
+export {
+  bdrv_check_request,
+  bdrv_check_request32,
+  bdrv_debug_event,
+  bdrv_co_preadv_part,
+  bdrv_co_preadv,
+  bdrv_co_pread,
+  bdrv_co_pwritev_part,
+  bdrv_co_pwritev,
+  bdrv_co_pwrite,
+  bdrv_co_pwrite_zeroes,
+  bdrv_co_flush,
+  bdrv_co_pdiscard,
+  bdrv_co_truncate,
+} from './block/io.ts';
+export { bdrv_co_block_status, bdrv_co_block_status_above, bdrv_co_is_allocated } from './block/block-status.ts';
+export {
+  BlockBackend,
+  BlkAioEmAIOCB,
+  blk_new_open,
+  blk_insert_bs,
+  blk_bs,
+  blk_unref,
+  blk_get_aio_context,
+  blk_set_enable_write_cache,
+  blk_getlength,
+  blk_check_byte_request,
+  blk_co_preadv,
+  blk_co_preadv_part,
+  blk_co_pwritev,
+  blk_co_pwritev_part,
+  blk_co_pwrite_zeroes,
+  blk_co_pdiscard,
+  blk_co_flush,
+  blk_aio_preadv,
+  blk_aio_pwritev,
+  blk_aio_pwrite_zeroes,
+  blk_aio_flush,
+  blk_aio_pdiscard,
+  blk_pread,
+  blk_pwrite,
+  blk_pwrite_zeroes,
+  blk_flush,
+  blk_pdiscard,
+  blk_drain,
+  blk_is_writable,
+} from './block/block-backend.ts';

@@ -1,0 +1,185 @@
+/**
+ * `BlockDriver`: the callbacks a driver implements, with QEMU 7.2's names and argument orders
+ * (include/block/block_int-common.h), and the driver registry of block.c
+ * (`bdrv_register`, `bdrv_find_format`, `bdrv_find_protocol`).
+ */
+import type { BlockAIOCB, BlockCompletionFunc } from '../aio/aiocb.ts';
+import { QemuError } from '../aio/error.ts';
+import type { CoroutineFn } from '../coroutine/coroutine.ts';
+import type { BlockDriverState } from './block-driver-state.ts';
+import type { PreallocMode } from './block-common.ts';
+import type { QEMUIOVector } from './qiov.ts';
+
+/** Out-object of `bdrv_co_block_status` (C's `*pnum`, `*map`, `**file`). */
+export interface BlockStatusOut {
+  pnum: number;
+  map: number;
+  file: BlockDriverState | null;
+}
+
+/** A description of one creation option (QemuOptDesc), for `create_opts`. */
+export interface QemuOptDesc {
+  name: string;
+  type: 'string' | 'bool' | 'number' | 'size';
+  help?: string;
+  def_value_str?: string;
+}
+
+/**
+ * QEMU's `struct BlockDriver`. Plain callbacks (`bdrv_open`, `bdrv_file_open`, `bdrv_close`,
+ * `bdrv_getlength`, `bdrv_refresh_limits`, `bdrv_probe`, `bdrv_parse_filename`) run synchronously and
+ * throw QemuError where QEMU sets `errp`; every `bdrv_co_*` returns a CoroutineFn (0 or -errno);
+ * `bdrv_aio_*` return a BlockAIOCB or null (null: failed synchronously, the block layer uses -EIO).
+ */
+export interface BlockDriver {
+  format_name: string;
+  protocol_name?: string;
+  is_filter?: boolean;
+  is_format?: boolean;
+  supports_backing?: boolean;
+  has_variable_length?: boolean;
+  bdrv_needs_filename?: boolean;
+  create_opts?: QemuOptDesc[];
+  /**
+   * Option names the driver accepts (QEMU: its QemuOptsList `runtime_opts`). Options left in the
+   * dictionary after open are refused with "Block protocol/format 'x' doesn't support the option 'y'".
+   * Without it, `bdrv_open`/`bdrv_file_open` must delete every option they consume.
+   */
+  runtime_opts?: string[];
+
+  /** Score (0-100) that `buf` (the image's first bytes) is in this format. */
+  bdrv_probe?(buf: Uint8Array, buf_size: number, filename: string | null): number;
+  /** Turns a filename into options (e.g. strips `prefix:`); may throw QemuError. */
+  bdrv_parse_filename?(filename: string, options: Record<string, unknown>): void;
+  /** Opens a format or filter node (children opened with `bdrv_open_child`). Throws QemuError. */
+  bdrv_open?(bs: BlockDriverState, options: Record<string, unknown>, flags: number): void;
+  /** Opens a protocol node. Throws QemuError. */
+  bdrv_file_open?(bs: BlockDriverState, options: Record<string, unknown>, flags: number): void;
+  bdrv_close?(bs: BlockDriverState): void;
+  /** Length in bytes or -errno; the block layer rounds it up to 512 (7.2). */
+  bdrv_getlength?(bs: BlockDriverState): number;
+  /** Adjusts `bs.bl` after the defaults were set; may throw QemuError. */
+  bdrv_refresh_limits?(bs: BlockDriverState): void;
+  bdrv_attach_aio_context?(bs: BlockDriverState, new_context: import('../aio/aio-context.ts').AioContext): void;
+  bdrv_detach_aio_context?(bs: BlockDriverState): void;
+
+  bdrv_co_preadv?(bs: BlockDriverState, offset: number, bytes: number, qiov: QEMUIOVector, flags: number): CoroutineFn<number>;
+  bdrv_co_preadv_part?(
+    bs: BlockDriverState,
+    offset: number,
+    bytes: number,
+    qiov: QEMUIOVector,
+    qiov_offset: number,
+    flags: number,
+  ): CoroutineFn<number>;
+  bdrv_co_pwritev?(bs: BlockDriverState, offset: number, bytes: number, qiov: QEMUIOVector, flags: number): CoroutineFn<number>;
+  bdrv_co_pwritev_part?(
+    bs: BlockDriverState,
+    offset: number,
+    bytes: number,
+    qiov: QEMUIOVector,
+    qiov_offset: number,
+    flags: number,
+  ): CoroutineFn<number>;
+  bdrv_co_pwrite_zeroes?(bs: BlockDriverState, offset: number, bytes: number, flags: number): CoroutineFn<number>;
+  bdrv_co_pdiscard?(bs: BlockDriverState, offset: number, bytes: number): CoroutineFn<number>;
+  bdrv_co_flush?(bs: BlockDriverState): CoroutineFn<number>;
+  bdrv_co_flush_to_disk?(bs: BlockDriverState): CoroutineFn<number>;
+  bdrv_co_flush_to_os?(bs: BlockDriverState): CoroutineFn<number>;
+  bdrv_co_block_status?(
+    bs: BlockDriverState,
+    want_zero: boolean,
+    offset: number,
+    bytes: number,
+    out: BlockStatusOut,
+  ): CoroutineFn<number>;
+  /** May throw QemuError (QEMU's errp) or return -errno. */
+  bdrv_co_truncate?(
+    bs: BlockDriverState,
+    offset: number,
+    exact: boolean,
+    prealloc: PreallocMode,
+    flags: number,
+  ): CoroutineFn<number>;
+  bdrv_co_drain_begin?(bs: BlockDriverState): CoroutineFn<void>;
+  bdrv_co_drain_end?(bs: BlockDriverState): CoroutineFn<void>;
+
+  bdrv_aio_preadv?(
+    bs: BlockDriverState,
+    offset: number,
+    bytes: number,
+    qiov: QEMUIOVector,
+    flags: number,
+    cb: BlockCompletionFunc,
+    opaque: unknown,
+  ): BlockAIOCB | null;
+  bdrv_aio_pwritev?(
+    bs: BlockDriverState,
+    offset: number,
+    bytes: number,
+    qiov: QEMUIOVector,
+    flags: number,
+    cb: BlockCompletionFunc,
+    opaque: unknown,
+  ): BlockAIOCB | null;
+  bdrv_aio_flush?(bs: BlockDriverState, cb: BlockCompletionFunc, opaque: unknown): BlockAIOCB | null;
+  bdrv_aio_pdiscard?(bs: BlockDriverState, offset: number, bytes: number, cb: BlockCompletionFunc, opaque: unknown): BlockAIOCB | null;
+
+  /** blkdebug's hook: `event` is a BlkdebugEvent name such as 'pwritev_rmw_head'. */
+  bdrv_debug_event?(bs: BlockDriverState, event: string): void;
+}
+
+const drivers: BlockDriver[] = [];
+
+/**
+ * Adds `drv` to the registry. QEMU: `bdrv_register`. Surprise: registering a second driver with the
+ * same format name throws (QEMU would silently list both and find the first).
+ */
+export function bdrv_register(drv: BlockDriver): void {
+  if (drivers.some((d) => d.format_name === drv.format_name)) {
+    throw new QemuError(`bdrv_register: a driver named '${drv.format_name}' is already registered`);
+  }
+  drivers.push(drv);
+}
+
+/** Removes `drv` (aioco's own, for tests). Returns whether it was registered. */
+export function bdrv_unregister(drv: BlockDriver): boolean {
+  const i = drivers.indexOf(drv);
+  if (i < 0) return false;
+  drivers.splice(i, 1);
+  return true;
+}
+
+/** The driver whose `format_name` is `format_name`, or null. QEMU: `bdrv_find_format`. */
+export function bdrv_find_format(format_name: string): BlockDriver | null {
+  return drivers.find((d) => d.format_name === format_name) ?? null;
+}
+
+/** Every registered driver, in registration order (QEMU iterates `bdrv_drivers`). */
+export function bdrv_drivers(): readonly BlockDriver[] {
+  return drivers;
+}
+
+/** Whether `filename` starts with a `prefix:` (no `/` before the colon). QEMU: `path_has_protocol`. */
+export function path_has_protocol(filename: string): boolean {
+  const colon = filename.indexOf(':');
+  if (colon < 0) return false;
+  const slash = filename.indexOf('/');
+  return slash < 0 || colon < slash;
+}
+
+/**
+ * The protocol driver for `filename`. QEMU: `bdrv_find_protocol(filename, allow_protocol_prefix)`.
+ * A filename without `prefix:` (or with prefixes disallowed) is a host file: the `file` driver.
+ * Throws QemuError "Unknown protocol 'x'" for an unregistered prefix. Returns null when no `file`
+ * driver is registered for a plain filename.
+ */
+export function bdrv_find_protocol(filename: string, allow_protocol_prefix = true): BlockDriver | null {
+  if (!path_has_protocol(filename) || !allow_protocol_prefix) {
+    return drivers.find((d) => d.protocol_name === 'file') ?? null;
+  }
+  const prefix = filename.slice(0, filename.indexOf(':'));
+  const drv = drivers.find((d) => d.protocol_name === prefix);
+  if (drv) return drv;
+  throw new QemuError(`Unknown protocol '${prefix}'`);
+}
