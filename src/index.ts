@@ -312,3 +312,5 @@ export {
   blk_drain,
   blk_is_writable,
 } from './block/block-backend.ts';
+export { guestMemoryProbePhase } from './aio/guest-memory.ts';
+export { thread_pool_aiocb_info } from './aio/thread-pool.ts';
