@@ -26,7 +26,7 @@ export const C_BOOTING = 8;
 export const C_COMP_HEAD = 9;
 export const C_SUB_RING = 16;
 export const C_COMP_RING = C_SUB_RING + MAX_SLOTS;
-/** Per worker: [current slot + 1, alive, watchdog acknowledged, spare]. */
+/** Per worker: [current slot + 1, alive, watchdog acknowledged, booting]. */
 export const C_WORKER = C_COMP_RING + MAX_SLOTS;
 export const W_STRIDE = 4;
 /** Per slot: [state, op, fd, niov, generation, function id, spare, spare]. */
@@ -83,6 +83,7 @@ export function reclaimWorker(ctl, f64, wake, id, why) {
   const wb = C_WORKER + id * W_STRIDE;
   if (Atomics.compareExchange(ctl, wb + 1, 1, 0) !== 1) return false;
   Atomics.sub(ctl, C_LIVE, 1);
+  if (Atomics.compareExchange(ctl, wb + 3, 1, 0) === 1) Atomics.sub(ctl, C_BOOTING, 1);
   const cur = Atomics.load(ctl, wb) - 1;
   let what = 'while idle';
   if (cur >= 0) {

@@ -63,8 +63,13 @@ function take() {
 }
 
 /** Waits for work; false when this worker should exit (idle 10 s, above the minimum). */
+function booted() {
+  if (Atomics.compareExchange(ctl, wb + 3, 1, 0) === 1) Atomics.sub(ctl, C_BOOTING, 1);
+}
+
 function idleWait() {
   Atomics.add(ctl, C_IDLE, 1);
+  booted();
   const seq = Atomics.load(ctl, C_SUB_SEQ);
   let r = 'not-equal';
   if (queueEmpty()) r = Atomics.wait(ctl, C_SUB_SEQ, seq, 10000);
@@ -299,9 +304,11 @@ function errnoOf(e) {
 async function main() {
   // The watchdog must be watching this worker before it takes a request (see reclaimWorker).
   for (let i = 0; i < 100 && Atomics.load(ctl, wb + 2) === 0; i++) Atomics.wait(ctl, wb + 2, 0, 50);
-  Atomics.sub(ctl, C_BOOTING, 1);
   for (;;) {
     const slot = take();
+    // Counted as booting until it holds a request or is idle, so the main thread never
+    // sees it as neither (and spawns one more) in between.
+    if (slot >= 0) booted();
     if (slot < 0) {
       if (!idleWait()) break;
       continue;

@@ -233,6 +233,7 @@ function spawnWorker(): void {
   const wb = C_WORKER + id * W_STRIDE;
   Atomics.store(ctl, wb, 0);
   Atomics.store(ctl, wb + 2, 0);
+  Atomics.store(ctl, wb + 3, 1);
   Atomics.store(ctl, wb + 1, 1);
   Atomics.add(ctl, C_LIVE, 1);
   Atomics.add(ctl, C_BOOTING, 1);

@@ -1,12 +1,9 @@
 // aio_poll and the AioContext core (src/aio/aio-poll.ts, src/aio/aio-context.ts): the intent
 // of QEMU's test-aio.c (/aio/acquire's "consume aio_notify" idiom, /aio/bh/flush) plus
 // rules S2, S6, S17-S27, S35-S39 and API.md's current-context rules.
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  AioWaitError,
   EventNotifier,
   QemuError,
   QEMU_CLOCK_REALTIME,
@@ -52,33 +49,9 @@ import {
   type AioContext,
   type CoroutineFn,
 } from '../../src/index.ts';
-
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-function throwsExactly(fn: () => unknown, cls: new (...args: any[]) => Error, message: string): void {
-  try {
-    fn();
-  } catch (e) {
-    assert.instance(e, cls);
-    assert.is((e as Error).message, message);
-    return;
-  }
-  assert.unreachable(`expected ${cls.name}: ${message}`);
-}
-
-function drain(ctx: AioContext): void {
-  for (let i = 0; i < 1000; i++) if (!aio_poll(ctx, false)) return;
-  assert.unreachable('context did not drain');
-}
+import { assertNotNotified, thrown, throwsExactly } from '../helpers/assert.ts';
+import { drain } from '../helpers/aio.ts';
+import { runNode } from '../helpers/child.ts';
 
 /** A blocking aio_poll that ends when a REALTIME timer fires after `ns`: it lasts at least `ns`. */
 function pollFor(ctx: AioContext, ns: number): void {
@@ -317,13 +290,7 @@ test('S102/DESIGN an exception escaping aio_dispatch restores the current contex
   });
   qemu_bh_schedule(a);
   qemu_bh_schedule(b);
-  let caught: unknown = null;
-  try {
-    aio_dispatch(ctx);
-  } catch (e) {
-    caught = e;
-  }
-  assert.is(caught, boom);
+  assert.is(thrown(() => aio_dispatch(ctx)), boom);
   assert.equal(order, ['B']);
   assert.is(qemu_get_current_aio_context(), qemu_get_aio_context());
   aio_dispatch(ctx);
@@ -860,34 +827,6 @@ test('S2 a finalize refused for an armed timer changes nothing: a coroutine sche
   aio_context_unref(ctx);
   throwsExactly(() => aio_poll(ctx, false), QemuError, `aio_poll: context '${ctx.name}' was finalized`);
 });
-
-interface ChildResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs `node ...args` from the repository root; killed after 10 s. */
-function runNode(args: string[]): Promise<ChildResult> {
-  const root = fileURLToPath(new URL('../..', import.meta.url));
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, args, {
-      cwd: root,
-      env: { ...process.env, FORCE_COLOR: '0' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.on('close', (code, signal) => {
-      clearTimeout(killer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
 
 test('S2/DESIGN a finalized context that was attached to Node\'s loop is released (garbage collected), with or without destroy() first', async () => {
   const r = await runNode(['--expose-gc', '--import', 'tsx', 'test/aio/fixtures/finalized-attached-gc.ts']);

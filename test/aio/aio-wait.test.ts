@@ -47,25 +47,14 @@ import {
   type CoroutineFn,
   type QEMUTimer,
 } from '../../src/index.ts';
+import { assertIdle } from '../helpers/assert.ts';
+import { within } from '../helpers/async.ts';
 
 const main = qemu_get_aio_context();
 const PREFIX = 'aio_poll: this blocking wait can never end: ';
 
 function isWaitErr(check: (msg: string) => boolean) {
   return (e: unknown) => e instanceof AioWaitError && e.message.startsWith(PREFIX) && check(e.message);
-}
-
-/** Rejects if `p` does not settle within `ms`. */
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
-function assertIdle(...ctxs: AioContext[]): void {
-  for (const c of ctxs) assert.is(aio_poll(c, false), false, `context '${c.name}' still had work`);
 }
 
 // --- S86: return value and when cond is evaluated ---

@@ -6,7 +6,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
   BlockAIOCB,
-  QemuError,
   qemu_aio_count_live,
   qemu_aio_get,
   qemu_aio_ref,
@@ -14,10 +13,10 @@ import {
   type AIOCBInfo,
   type BlockCompletionFunc,
 } from '../../src/index.ts';
+import { isQemuErr } from '../helpers/assert.ts';
 
 function freedErr(name: string) {
-  const msg = `BlockAIOCB used after it was freed (AIOCBInfo '${name}')`;
-  return (e: unknown) => e instanceof QemuError && e.message === msg;
+  return isQemuErr(`BlockAIOCB used after it was freed (AIOCBInfo '${name}')`);
 }
 
 /** Every field access and every refcount operation on a freed AIOCB throws `name`'s message. */

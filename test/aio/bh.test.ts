@@ -3,7 +3,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  AioWaitError,
   aio_bh_new,
   aio_bh_poll,
   aio_bh_schedule_oneshot,
@@ -22,27 +21,8 @@ import {
   type AioContext,
   type QEMUBH,
 } from '../../src/index.ts';
-
-/**
- * A blocking aio_poll with nothing to wait for throws AioWaitError instead of hanging.
- * So this proves that `ctx` was not notified and has no runnable work.
- */
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-/** Polls without blocking until nothing runs (bounded), so a test ends with a drained context. */
-function drain(ctx: AioContext): void {
-  for (let i = 0; i < 1000; i++) if (!aio_poll(ctx, false)) return;
-  assert.unreachable('context did not drain');
-}
+import { assertNotNotified, thrown } from '../helpers/assert.ts';
+import { drain } from '../helpers/aio.ts';
 
 /** QEMU's BHTestData: a BH that reschedules itself until it has run `max` times. */
 interface BHData {
@@ -450,13 +430,7 @@ test('DESIGN: a throwing BH leaves the rest of its slice queued, and that rest r
   qemu_bh_schedule(a);
   qemu_bh_schedule(b);
   qemu_bh_schedule(c);
-  let caught: unknown = null;
-  try {
-    aio_poll(ctx, false);
-  } catch (e) {
-    caught = e;
-  }
-  assert.is(caught, boom);
+  assert.is(thrown(() => aio_poll(ctx, false)), boom);
   assert.equal(order, ['C', 'B']);
   assert.is(aio_compute_timeout(ctx), 0); // S17: A is still scheduled inside the slice
   qemu_bh_schedule(d); // scheduled after the throw: it belongs to a newer slice

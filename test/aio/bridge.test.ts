@@ -36,27 +36,10 @@ import {
   useIOThread,
   type CoroutineFn,
 } from '../../src/index.ts';
+import { deferred, turns, within } from '../helpers/async.ts';
 
 const main = qemu_get_aio_context();
 qemu_init_main_loop();
-
-function within<T>(p: PromiseLike<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([Promise.resolve(p), t]).finally(() => clearTimeout(timer));
-}
-
-function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void; reject: (e: unknown) => void } {
-  let resolve!: (v: T) => void;
-  let reject!: (e: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
 
 const here = () => qemu_get_current_aio_context().name;
 
@@ -426,10 +409,6 @@ test('halting a coroutineOperation whose coroutine can never finish reports it b
     await task.catch(() => {});
   }
 });
-
-async function turns(n: number): Promise<void> {
-  for (let i = 0; i < n; i++) await new Promise<void>((r) => setImmediate(r));
-}
 
 // --- Resources ---
 

@@ -1,8 +1,6 @@
 // QEMU's clocks and aioco's manual virtual clock (src/aio/clock.ts): rules S46, S51, S54 and
 // API.md's clock rules. The first tests need VIRTUAL untouched (fresh process), so they
 // come first; every test restores manual mode and enabled state.
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
@@ -33,40 +31,11 @@ import {
   timer_del,
   timer_mod_ns,
   timer_pending,
-  type AioContext,
   type QEMUClockType,
 } from '../../src/index.ts';
-
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-function throwsExactly(fn: () => unknown, cls: new (...args: any[]) => Error, message: string): void {
-  try {
-    fn();
-  } catch (e) {
-    assert.instance(e, cls);
-    assert.is((e as Error).message, message);
-    return;
-  }
-  assert.unreachable(`expected ${cls.name}: ${message}`);
-}
-
-function withManualClock(fn: (t0: number) => void): void {
-  qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, true);
-  try {
-    fn(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL));
-  } finally {
-    qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, false);
-  }
-}
+import { assertNotNotified, throwsExactly } from '../helpers/assert.ts';
+import { withManualClock } from '../helpers/aio.ts';
+import { runNode } from '../helpers/child.ts';
 
 const MINUTES_3 = 3 * 60 * 1e9;
 
@@ -403,34 +372,6 @@ test('API leaving manual mode notifies contexts whose timers are on QEMU_CLOCK_V
   assert.ok(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL_RT) >= deadline);
   aio_context_unref(ctx);
 });
-
-interface ChildResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs `node ...args` from the repository root; killed after 10 s. */
-function runNode(args: string[]): Promise<ChildResult> {
-  const root = fileURLToPath(new URL('../..', import.meta.url));
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, args, {
-      cwd: root,
-      env: { ...process.env, FORCE_COLOR: '0' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.on('close', (code, signal) => {
-      clearTimeout(killer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
 
 test('DESIGN (host loop): a QEMU_CLOCK_VIRTUAL_RT timer armed in manual mode keeps Node alive once manual mode is left, and runs', async () => {
   const r = await runNode(['--import', 'tsx', 'test/aio/fixtures/host-virtual-rt-manual-off.ts']);

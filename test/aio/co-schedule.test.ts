@@ -6,7 +6,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
   AioContext,
-  CoroutineError,
   QEMU_CLOCK_VIRTUAL,
   aio_bh_schedule_oneshot,
   aio_co_enter,
@@ -33,19 +32,10 @@ import {
   type Coroutine,
   type CoroutineFn,
 } from '../../src/index.ts';
+import { isCoErr } from '../helpers/assert.ts';
+import { pollUntilIdle } from '../helpers/aio.ts';
 
 const main = qemu_get_aio_context();
-
-function isCoErr(msg: string) {
-  return (e: unknown) => e instanceof CoroutineError && e.message === msg;
-}
-
-/** Polls `ctx` without blocking until it reports no progress; returns how many polls made progress. */
-function drain(ctx: AioContext): number {
-  let n = 0;
-  while (aio_poll(ctx, false)) n++;
-  return n;
-}
 
 interface Step {
   log: string[];
@@ -402,7 +392,7 @@ test('S70 aio_co_reschedule_self moves main -> other -> main with at least one B
     'back@main co=main',
   ]);
   assert.is(qemu_coroutine_get_aio_context(co), main);
-  assert.is(drain(main) + drain(ctx), 0);
+  assert.is(pollUntilIdle(main) + pollUntilIdle(ctx), 0);
   aio_context_unref(ctx);
 });
 

@@ -6,7 +6,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
   Coroutine,
-  CoroutineError,
   QEMU_CLOCK_VIRTUAL,
   QemuCoSleep,
   aio_co_schedule,
@@ -31,22 +30,8 @@ import {
   qemu_get_current_aio_context,
   type CoroutineFn,
 } from '../../src/index.ts';
-
-function thrown(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  assert.unreachable('expected the call to throw');
-  return undefined;
-}
-
-function throwsCo(fn: () => void, message: string): void {
-  const e = thrown(fn);
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
+import { assertCoError, throwsCo } from '../helpers/assert.ts';
+import { selfName } from '../helpers/coroutines.ts';
 
 const main = qemu_get_aio_context();
 qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, true);
@@ -72,22 +57,18 @@ interface Sleeper {
   wokeAt?: number;
 }
 
-function name(): string {
-  return qemu_coroutine_self().name ?? 'S';
-}
-
 function* sleepNs(s: Sleeper): CoroutineFn<void> {
-  s.log.push(`${name()}:sleep`);
+  s.log.push(`${selfName('S')}:sleep`);
   yield* qemu_co_sleep_ns(QEMU_CLOCK_VIRTUAL, s.ns);
   s.wokeAt = now();
-  s.log.push(`${name()}:woke`);
+  s.log.push(`${selfName('S')}:woke`);
 }
 
 function* sleepWakeable(s: Sleeper): CoroutineFn<void> {
-  s.log.push(`${name()}:sleep`);
+  s.log.push(`${selfName('S')}:sleep`);
   yield* qemu_co_sleep_ns_wakeable(s.w, QEMU_CLOCK_VIRTUAL, s.ns);
   s.wokeAt = now();
-  s.log.push(`${name()}:woke`);
+  s.log.push(`${selfName('S')}:woke`);
 }
 
 function sleeper(ns: number, log: string[] = []): Sleeper {
@@ -283,8 +264,7 @@ test("S85: sleeping while scheduled throws \"qemu_co_sleep: Co-routine was alrea
   for (const useTimer of [false, true]) {
     const o = { w: new QemuCoSleep(), log: [] as string[], error: undefined as unknown, useTimer };
     qemu_coroutine_enter(qemu_coroutine_create(scheduleSelfThenSleep, o));
-    assert.instance(o.error, CoroutineError);
-    assert.is((o.error as Error).message, "qemu_co_sleep: Co-routine was already scheduled in 'aio_co_schedule'");
+    assertCoError(o.error, "qemu_co_sleep: Co-routine was already scheduled in 'aio_co_schedule'");
     // No timer was left behind, and the QemuCoSleep holds nobody.
     assert.is(aio_compute_timeout(main), 0); // only the co_schedule BH
     qemu_co_sleep_wake(o.w);

@@ -3,7 +3,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  AioWaitError,
   EventNotifier,
   QemuError,
   aio_bh_schedule_oneshot,
@@ -20,28 +19,7 @@ import {
   qemu_get_aio_context,
   type AioContext,
 } from '../../src/index.ts';
-
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-function throwsExactly(fn: () => unknown, cls: new (...args: any[]) => Error, message: string): void {
-  try {
-    fn();
-  } catch (e) {
-    assert.instance(e, cls);
-    assert.is((e as Error).message, message);
-    return;
-  }
-  assert.unreachable(`expected ${cls.name}: ${message}`);
-}
+import { assertNotNotified, throwsExactly } from '../helpers/assert.ts';
 
 /** QEMU's EventNotifierTestData and event_ready_cb, recording whether the notifier was set. */
 interface EData {

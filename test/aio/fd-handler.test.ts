@@ -3,7 +3,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  AioWaitError,
   EventNotifier,
   QemuError,
   aio_context_new,
@@ -23,35 +22,9 @@ import {
   event_notifier_get_fd,
   event_notifier_set,
   event_notifier_test_and_clear,
-  type AioContext,
 } from '../../src/index.ts';
-
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-function throwsExactly(fn: () => unknown, cls: new (...args: any[]) => Error, message: string): void {
-  try {
-    fn();
-  } catch (e) {
-    assert.instance(e, cls);
-    assert.is((e as Error).message, message);
-    return;
-  }
-  assert.unreachable(`expected ${cls.name}: ${message}`);
-}
-
-function drain(ctx: AioContext): void {
-  for (let i = 0; i < 1000; i++) if (!aio_poll(ctx, false)) return;
-  assert.unreachable('context did not drain');
-}
+import { assertNotNotified, throwsExactly } from '../helpers/assert.ts';
+import { drain } from '../helpers/aio.ts';
 
 test('S28 aio_set_fd_handler refuses an fd that is not an aioco notifier or channel', () => {
   const ctx = aio_context_new();

@@ -1,8 +1,6 @@
 // The host-loop drive: contexts attached to Node's event loop (QEMU's GSource, S45, S102;
 // DESIGN "Blocking, and the host loop"; API "Rules the contract pins down").
 // Tests in this file run in order: the first one checks main before qemu_init_main_loop().
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
@@ -32,29 +30,10 @@ import {
   type QEMUBH,
   type QEMUTimer,
 } from '../../src/index.ts';
+import { deferred, turns, within } from '../helpers/async.ts';
+import { runNode, type ChildResult } from '../helpers/child.ts';
 
 const main = qemu_get_aio_context();
-const root = fileURLToPath(new URL('../..', import.meta.url));
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
-/** Lets Node's loop turn `n` times (each await is one check phase later). */
-async function turns(n: number): Promise<void> {
-  for (let i = 0; i < n; i++) await new Promise<void>((r) => setImmediate(r));
-}
-
-/** A promise with its resolver. */
-function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void } {
-  let resolve!: (v: T) => void;
-  const promise = new Promise<T>((r) => (resolve = r));
-  return { promise, resolve };
-}
 
 test('before qemu_init_main_loop() main is not driven by Node; after it, a BH on main runs without any aio_poll', async () => {
   const log: string[] = [];
@@ -310,32 +289,8 @@ test('DESIGN: an exception from a host-dispatched BH surfaces from the loop, and
 
 // --- Whole programs: a finished program exits by itself ---
 
-interface ChildResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
 function runFixture(name: string, timeoutMs = 10_000, args: string[] = []): Promise<ChildResult> {
-  return new Promise((resolve) => {
-    const start = Date.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', `test/aio/fixtures/${name}`, ...args], {
-      cwd: root,
-      env: { ...process.env, FORCE_COLOR: '0' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const killer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('close', (code, signal) => {
-      clearTimeout(killer);
-      resolve({ code, signal, stdout, stderr, ms: Date.now() - start });
-    });
-  });
+  return runNode(['--import', 'tsx', `test/aio/fixtures/${name}`, ...args], { timeoutMs });
 }
 
 test('DESIGN: a program that attached main and finished its work (BH, timer, IOThread hop) exits 0 by itself', async () => {

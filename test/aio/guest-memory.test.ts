@@ -9,8 +9,9 @@ import * as assert from 'uvu/assert';
 import { closeSync, constants, mkdirSync, mkdtempSync, openSync, readSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QemuError, qemu_memalign, qemu_vfree } from '../../src/index.ts';
+import { qemu_memalign, qemu_vfree } from '../../src/index.ts';
 import { guestMemoryIsAligned, guestMemoryProbePhase, slabOf, slabs } from '../../src/aio/guest-memory.ts';
+import { isQemuErr } from '../helpers/assert.ts';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
 
@@ -22,10 +23,6 @@ function phaseOf(v: Uint8Array): number {
 function assertAligned(v: Uint8Array, align: number, what: string): void {
   const rel = v.byteOffset - phaseOf(v);
   assert.ok(rel >= 0 && rel % align === 0, `${what}: byteOffset ${v.byteOffset}, phase ${phaseOf(v)}, alignment ${align}`);
-}
-
-function qemuErr(msg: string) {
-  return (e: unknown) => e instanceof QemuError && e.message === msg;
 }
 
 test('qemu_memalign returns SharedArrayBuffer-backed views of exactly the size asked, inside their buffer, aligned relative to the slab phase (0 before any probe)', () => {
@@ -93,20 +90,20 @@ test('repeated 4 KiB alloc/free reuses the same memory (same buffer and byteOffs
 
 test('qemu_memalign refuses an alignment that is not a power of two and a size that is not a non-negative integer', () => {
   for (const a of [0, 3, 6, 12, -4, Number.NaN, 1.5, 2.5, 0.5]) {
-    assert.throws(() => qemu_memalign(a, 16), qemuErr(`qemu_memalign: alignment ${a} is not a power of two`), `alignment ${a}`);
+    assert.throws(() => qemu_memalign(a, 16), isQemuErr(`qemu_memalign: alignment ${a} is not a power of two`), `alignment ${a}`);
   }
   for (const n of [-1, 1.5, Number.NaN, Number.POSITIVE_INFINITY]) {
-    assert.throws(() => qemu_memalign(4096, n), qemuErr(`qemu_memalign: invalid size ${n}`), `size ${n}`);
+    assert.throws(() => qemu_memalign(4096, n), isQemuErr(`qemu_memalign: invalid size ${n}`), `size ${n}`);
   }
 });
 
 test('qemu_vfree: a second free of the same buffer throws; null and views it did not hand out are ignored', () => {
   const small = qemu_memalign(512, 100);
   qemu_vfree(small);
-  assert.throws(() => qemu_vfree(small), qemuErr('qemu_vfree: buffer freed twice'));
+  assert.throws(() => qemu_vfree(small), isQemuErr('qemu_vfree: buffer freed twice'));
   const big = qemu_memalign(4096, 2 << 20);
   qemu_vfree(big);
-  assert.throws(() => qemu_vfree(big), qemuErr('qemu_vfree: buffer freed twice'));
+  assert.throws(() => qemu_vfree(big), isQemuErr('qemu_vfree: buffer freed twice'));
   qemu_vfree(null);
   qemu_vfree(new Uint8Array(8));
   qemu_vfree(new Uint8Array(new SharedArrayBuffer(8)));
@@ -114,7 +111,7 @@ test('qemu_vfree: a second free of the same buffer throws; null and views it did
   qemu_vfree(whole.subarray(0, 512));
   // The sub-view was ignored: the buffer is still allocated, so it can be freed once.
   qemu_vfree(whole);
-  assert.throws(() => qemu_vfree(whole), qemuErr('qemu_vfree: buffer freed twice'));
+  assert.throws(() => qemu_vfree(whole), isQemuErr('qemu_vfree: buffer freed twice'));
 });
 
 test('allocations above 1 MiB get their own buffer, never shared with another allocation', () => {

@@ -8,7 +8,6 @@ import {
   AioContext,
   IOThread,
   QEMU_CLOCK_REALTIME,
-  QemuError,
   SCALE_NS,
   aio_bh_new,
   aio_bh_schedule_oneshot,
@@ -37,21 +36,11 @@ import {
   timer_mod_ns,
   type CoroutineFn,
 } from '../../src/index.ts';
+import { isQemuErr } from '../helpers/assert.ts';
+import { within } from '../helpers/async.ts';
 
 const main = qemu_get_aio_context();
 const MAX = '9223372036854775807'; // QEMU's INT64_MAX, as its property setter prints it
-
-function isQemuErr(msg: string) {
-  return (e: unknown) => e instanceof QemuError && e.message === msg;
-}
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
 
 test('iothread_create gives an IOThread with its own context; destroy finalizes that context', () => {
   const t = iothread_create('io-basic');

@@ -10,7 +10,6 @@
 // after a few seconds, promises go through within().
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
 import {
   closeSync,
   constants,
@@ -25,7 +24,6 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import {
   AIO_WAIT_WHILE,
   AioWaitError,
@@ -79,13 +77,16 @@ import {
   type CoroutineFn,
   type ThreadPoolFunc,
 } from '../../src/index.ts';
+import { isQemuErr } from '../helpers/assert.ts';
+import { pollUntilIdle } from '../helpers/aio.ts';
+import { within } from '../helpers/async.ts';
+import { root, runNode, type ChildResult } from '../helpers/child.ts';
 // Internal, for what the public API cannot observe: how many workers exist, the wake
 // word workers bump after posting a completion (to know that all of them are posted),
 // and the O_DIRECT phase probe that the file driver runs.
 import { threadPoolPostedCount, threadPoolWorkerCount } from '../../src/aio/thread-pool.ts';
 import { guestMemoryProbePhase } from '../../src/aio/guest-memory.ts';
 
-const root = fileURLToPath(new URL('../..', import.meta.url));
 const main = qemu_get_aio_context();
 const pool = aio_get_thread_pool(main);
 const FUNCS = new URL('./fixtures/pool-funcs.mjs', import.meta.url);
@@ -132,18 +133,6 @@ function waitUntil(pred: () => boolean, what: string | (() => string), ms = 5000
   }
 }
 
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
-function drain(ctx: AioContext): void {
-  for (let i = 0; i < 100 && aio_poll(ctx, false); i++);
-}
-
 /**
  * Runs `fn` with a guard timer armed in `ctx` on the real clock: should a request never
  * complete, a blocking wait inside `fn` (AIO_WAIT_WHILE, bdrv_aio_cancel) is ended by the
@@ -179,10 +168,6 @@ function runSync<A>(ctx: AioContext, func: ThreadPoolFunc<A>, arg: A): number {
   return box.ret;
 }
 
-function qemuErr(msg: string) {
-  return (e: unknown) => e instanceof QemuError && e.message === msg;
-}
-
 /** Shared state of `held` requests: i32 [gate, started, done, start order..., done flags...]. */
 const MAX_TAGS = 128;
 type SharedI32 = Int32Array<SharedArrayBuffer>;
@@ -199,7 +184,7 @@ function startOrder(a: Int32Array): number[] {
  * whatever the number of workers.
  */
 function finishTogether(n: number, cb: (tag: number, ret: number) => void): void {
-  drain(main);
+  pollUntilIdle(main, 100);
   const a = new Int32Array(new SharedArrayBuffer(4 * (n + 1)));
   const seq0 = threadPoolPostedCount();
   for (let tag = 1; tag <= n; tag++) thread_pool_submit_aio(pool, inc, { sab: a.buffer, index: tag }, (_o, r) => cb(tag, r));
@@ -227,7 +212,7 @@ test('S90: aio_get_thread_pool gives each context one pool, created on first use
 
 test('/thread-pool/submit: thread_pool_submit runs the function on a worker (seen in shared memory) and frees its AIOCB', () => {
   guarded(main, 10_000, 'the requests of this test', () => {
-    drain(main);
+    pollUntilIdle(main, 100);
     const live = qemu_aio_count_live();
     const n = new Int32Array(new SharedArrayBuffer(4));
     thread_pool_submit(pool, inc, { sab: n.buffer });
@@ -242,7 +227,7 @@ test('/thread-pool/submit: thread_pool_submit runs the function on a worker (see
 
 test('/thread-pool/submit-aio (S91, S93): the callback waits for the first poll even when the work is done; it runs once with the result', () => {
   guarded(main, 10_000, 'the requests of this test', () => {
-    drain(main);
+    pollUntilIdle(main, 100);
     const n = new Int32Array(new SharedArrayBuffer(4));
     const data = { ret: -EINPROGRESS, calls: 0 };
     const acb = thread_pool_submit_aio(pool, inc, { sab: n.buffer }, (d: typeof data, r: number) => {
@@ -274,7 +259,7 @@ test('/thread-pool/submit-aio (S91, S93): the callback waits for the first poll 
 
 test('DESIGN blocking drive: one aio_poll(ctx, true) sleeps until the worker is done, runs the callback and returns true', () => {
   guarded(main, 10_000, 'the requests of this test', () => {
-    drain(main);
+    pollUntilIdle(main, 100);
     const log: string[] = [];
     thread_pool_submit_aio(pool, sleepFn, { ms: 20, ret: 9 }, (_o, r) => log.push(`cb ${r}`));
     assert.equal(log, []);
@@ -304,7 +289,7 @@ function* coSubmit(d: CoData): CoroutineFn<void> {
 
 test('/thread-pool/submit-co (S94): the coroutine yields in thread_pool_submit_co and resumes with the result inside the completion BH', () => {
   guarded(main, 10_000, 'the requests of this test', () => {
-    drain(main);
+    pollUntilIdle(main, 100);
     const d: CoData = { n: new Int32Array(new SharedArrayBuffer(4)), ret: NOT_YET, active: 0, log: [] };
     qemu_coroutine_enter(qemu_coroutine_create(coSubmit, d));
     d.log.push('back from enter');
@@ -352,7 +337,7 @@ function submitMany(n: number): { datas: { n: SharedI32; ret: number; calls: num
 }
 
 test('/thread-pool/submit-many: 100 requests, more than the workers, all complete once with their result', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const live = qemu_aio_count_live();
   const { datas } = submitMany(100);
   assert.equal(datas.map((d) => [Atomics.load(d.n, 0), d.ret, d.calls]), datas.map(() => [1, 0, 1]));
@@ -361,7 +346,7 @@ test('/thread-pool/submit-many: 100 requests, more than the workers, all complet
 });
 
 test('/thread-pool/submit-many with max 2: all complete, never more than 2 running at once', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   thread_pool_update_params(pool, { max: 2 });
   try {
     const { datas } = submitMany(100);
@@ -434,7 +419,7 @@ function cancelRound(sync: boolean): { data: CancelData[]; n: SharedI32; cancell
 }
 
 test('/thread-pool/cancel-async (S95), max 1: the 99 still queued end with -ECANCELED and never run; the running one gets its real result', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const live = qemu_aio_count_live();
   thread_pool_update_params(pool, { max: 1 });
   try {
@@ -452,7 +437,7 @@ test('/thread-pool/cancel-async (S95), max 1: the 99 still queued end with -ECAN
 });
 
 test('/thread-pool/cancel (S96): bdrv_aio_cancel returns after the callback; cancelled ones never ran, the others finished with their result', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const live = qemu_aio_count_live();
   thread_pool_update_params(pool, { max: 1 });
   try {
@@ -483,7 +468,7 @@ test('/thread-pool/cancel (S96): bdrv_aio_cancel returns after the callback; can
 });
 
 test('S96: bdrv_aio_cancel of a running request waits for the function to finish; the AIOCB is freed afterwards', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const n = new Int32Array(new SharedArrayBuffer(4));
   const log: string[] = [];
   const acb = thread_pool_submit_aio(pool, claimAndSleep, { sab: n.buffer, index: 0, ms: 40, ret: 11 }, (_o, r) =>
@@ -493,12 +478,12 @@ test('S96: bdrv_aio_cancel of a running request waits for the function to finish
   guarded(main, 5000, 'bdrv_aio_cancel', () => bdrv_aio_cancel(acb));
   log.push('cancel returned');
   assert.equal(log, ['cb 11 state 3', 'cancel returned']);
-  assert.throws(() => acb.refcnt, qemuErr("BlockAIOCB used after it was freed (AIOCBInfo 'thread_pool_aiocb_info')"));
-  assert.throws(() => bdrv_aio_cancel_async(acb), qemuErr("BlockAIOCB used after it was freed (AIOCBInfo 'thread_pool_aiocb_info')"));
+  assert.throws(() => acb.refcnt, isQemuErr("BlockAIOCB used after it was freed (AIOCBInfo 'thread_pool_aiocb_info')"));
+  assert.throws(() => bdrv_aio_cancel_async(acb), isQemuErr("BlockAIOCB used after it was freed (AIOCBInfo 'thread_pool_aiocb_info')"));
 });
 
 test('S95: cancelling a request twice, or after its function finished but before its callback, changes nothing: one callback, real result', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const log: string[] = [];
   const n = new Int32Array(new SharedArrayBuffer(4));
   const acb = thread_pool_submit_aio(pool, inc, { sab: n.buffer }, (_o, r) => log.push(`inc ${r}`));
@@ -557,7 +542,7 @@ test('S93: the completion BH is rescheduled before each callback, so a nested ai
 });
 
 test('DESIGN: a throwing callback leaves aio_poll; its AIOCB is still freed and the other finished callback runs in the next aio_poll', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const live = qemu_aio_count_live();
   const log: string[] = [];
   finishTogether(2, (tag) => {
@@ -616,7 +601,7 @@ test("S93: a pool of an aio_context_new() context completes in that context's ow
 });
 
 test("aio_wait: waiting in main for a request of a context nobody drives throws AioWaitError instead of hanging", () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const ctx = aio_context_new();
   const p = aio_get_thread_pool(ctx);
   let done = false;
@@ -672,11 +657,11 @@ test("S97: finalizing a context whose pool has a request outstanding throws thre
   thread_pool_submit_aio(aio_get_thread_pool(ctx), sleepFn, { ms: 20 }, () => (done = true));
   assert.throws(
     () => aio_context_unref(ctx),
-    qemuErr(`thread_pool_free: Assertion 'QLIST_EMPTY(&pool->head)' failed (1 request(s) outstanding in context '${ctx.name}')`),
+    isQemuErr(`thread_pool_free: Assertion 'QLIST_EMPTY(&pool->head)' failed (1 request(s) outstanding in context '${ctx.name}')`),
   );
   waitWhile(ctx, () => !done, 'the request');
   aio_context_unref(ctx);
-  assert.throws(() => aio_poll(ctx, false), qemuErr(`aio_poll: context '${ctx.name}' was finalized`));
+  assert.throws(() => aio_poll(ctx, false), isQemuErr(`aio_poll: context '${ctx.name}' was finalized`));
 });
 
 // --- Pool parameters ---
@@ -687,17 +672,17 @@ test('thread_pool_update_params refuses bad values with QEMU-style messages and 
   const minRange = 'thread-pool-min value must be in range [0, 256]';
   const maxRange = 'thread-pool-max value must be in range [1, 256]';
   const order = 'thread-pool-min value must be less than or equal to thread-pool-max';
-  assert.throws(() => thread_pool_update_params(p, { min: -1 }), qemuErr(minRange));
-  assert.throws(() => thread_pool_update_params(p, { min: 1.5 }), qemuErr(minRange));
-  assert.throws(() => thread_pool_update_params(p, { min: 257 }), qemuErr(minRange));
-  assert.throws(() => thread_pool_update_params(p, { min: Number.NaN }), qemuErr(minRange));
-  assert.throws(() => thread_pool_update_params(p, { max: 0 }), qemuErr(maxRange));
-  assert.throws(() => thread_pool_update_params(p, { max: 257 }), qemuErr(maxRange));
-  assert.throws(() => thread_pool_update_params(p, { max: 2.5 }), qemuErr(maxRange));
-  assert.throws(() => thread_pool_update_params(p, { min: 3, max: 2 }), qemuErr(order));
+  assert.throws(() => thread_pool_update_params(p, { min: -1 }), isQemuErr(minRange));
+  assert.throws(() => thread_pool_update_params(p, { min: 1.5 }), isQemuErr(minRange));
+  assert.throws(() => thread_pool_update_params(p, { min: 257 }), isQemuErr(minRange));
+  assert.throws(() => thread_pool_update_params(p, { min: Number.NaN }), isQemuErr(minRange));
+  assert.throws(() => thread_pool_update_params(p, { max: 0 }), isQemuErr(maxRange));
+  assert.throws(() => thread_pool_update_params(p, { max: 257 }), isQemuErr(maxRange));
+  assert.throws(() => thread_pool_update_params(p, { max: 2.5 }), isQemuErr(maxRange));
+  assert.throws(() => thread_pool_update_params(p, { min: 3, max: 2 }), isQemuErr(order));
   thread_pool_update_params(p, { max: 1 });
-  assert.throws(() => thread_pool_update_params(p, { min: 2 }), qemuErr(order));
-  assert.throws(() => thread_pool_update_params(p, { max: 0 }), qemuErr(maxRange));
+  assert.throws(() => thread_pool_update_params(p, { min: 2 }), isQemuErr(order));
+  assert.throws(() => thread_pool_update_params(p, { max: 0 }), isQemuErr(maxRange));
   // Still max 1: requests run one at a time.
   const t = new Int32Array(new SharedArrayBuffer(4 * (3 + 6)));
   let left = 6;
@@ -708,7 +693,7 @@ test('thread_pool_update_params refuses bad values with QEMU-style messages and 
 });
 
 test('API: with max 1 requests run one at a time in submission order, and complete in that order', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   thread_pool_update_params(pool, { max: 1 });
   try {
     const t = new Int32Array(new SharedArrayBuffer(4 * (3 + 12)));
@@ -725,7 +710,7 @@ test('API: with max 1 requests run one at a time in submission order, and comple
 });
 
 test('API: thread_pool_update_params applies at once: raising max starts the requests waiting for it', () => {
-  drain(main);
+  pollUntilIdle(main, 100);
   const a = heldState();
   let left = 3;
   // Enough workers up front (another pool's min), so this checks max alone, not how the
@@ -785,7 +770,7 @@ test('thread_pool_func: the module is named by URL (string or URL object); a pat
   assert.is(runSync(main, f, { value: 31 }), 31);
   assert.throws(
     () => thread_pool_func('test/aio/fixtures/pool-funcs.mjs', 'echo'),
-    qemuErr("thread_pool_func: 'test/aio/fixtures/pool-funcs.mjs' is not a URL (use pathToFileURL or import.meta.resolve)"),
+    isQemuErr("thread_pool_func: 'test/aio/fixtures/pool-funcs.mjs' is not a URL (use pathToFileURL or import.meta.resolve)"),
   );
 });
 
@@ -800,7 +785,7 @@ test('thread_pool_func: a TypeScript module runs in the workers (through tsx)', 
 
 test('10,000 nop requests with seeded random cancellations: every callback exactly once, AIOCBs all freed', () => {
   guarded(main, 30_000, 'the 10,000 requests', () => {
-    drain(main);
+    pollUntilIdle(main, 100);
     const live = qemu_aio_count_live();
     const N = 10_000;
     let seed = 0x2545f491;
@@ -1100,31 +1085,9 @@ test('DESIGN: after the phase probe (the file driver runs it on its first cache.
 
 // --- Whole programs (child processes): exit, worker death, OOM, cwd ---
 
-interface ChildResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
 function runChild(args: string[], opts: { cwd?: string; tsx?: boolean; timeoutMs?: number } = {}): Promise<ChildResult> {
-  return new Promise((resolve) => {
-    const argv = opts.tsx === false ? args : ['--import', 'tsx', ...args];
-    const child = spawn(process.execPath, argv, {
-      cwd: opts.cwd ?? root,
-      env: { ...process.env, FORCE_COLOR: '0' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const killer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 9000);
-    child.on('close', (code, signal) => {
-      clearTimeout(killer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
+  const argv = opts.tsx === false ? args : ['--import', 'tsx', ...args];
+  return runNode(argv, { cwd: opts.cwd, timeoutMs: opts.timeoutMs ?? 9000 });
 }
 const CHILD = 'test/aio/fixtures/pool-child.ts';
 const lines = (s: string) => s.split('\n').filter((l) => l !== '');

@@ -4,7 +4,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  AioWaitError,
   EventNotifier,
   QemuError,
   QEMU_CLOCK_HOST,
@@ -29,7 +28,6 @@ import {
   qemu_bh_schedule,
   qemu_clock_advance_virtual_time,
   qemu_clock_get_ns,
-  qemu_clock_set_manual,
   qemu_get_aio_context,
   qemu_get_current_aio_context,
   timer_del,
@@ -45,38 +43,8 @@ import {
   type QEMUClockType,
   type QEMUTimer,
 } from '../../src/index.ts';
-
-function assertNotNotified(ctx: AioContext): void {
-  try {
-    aio_poll(ctx, true);
-  } catch (e) {
-    assert.instance(e, AioWaitError);
-    assert.ok((e as Error).message.startsWith('aio_poll: this blocking wait can never end: '), (e as Error).message);
-    return;
-  }
-  assert.unreachable('aio_poll(ctx, true) returned: the context was notified or had work');
-}
-
-function throwsExactly(fn: () => unknown, cls: new (...args: any[]) => Error, message: string): void {
-  try {
-    fn();
-  } catch (e) {
-    assert.instance(e, cls);
-    assert.is((e as Error).message, message);
-    return;
-  }
-  assert.unreachable(`expected ${cls.name}: ${message}`);
-}
-
-/** Runs `fn` with QEMU_CLOCK_VIRTUAL in manual mode, passing its value; always restores. */
-function withManualClock(fn: (t0: number) => void): void {
-  qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, true);
-  try {
-    fn(qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL));
-  } finally {
-    qemu_clock_set_manual(QEMU_CLOCK_VIRTUAL, false);
-  }
-}
+import { assertNotNotified, thrown, throwsExactly } from '../helpers/assert.ts';
+import { withManualClock } from '../helpers/aio.ts';
 
 /** A virtual-clock (ns) timer on `ctx` that records `name` in `log` when it fires. */
 function vtimer(ctx: AioContext, log: string[], name: string, type: QEMUClockType = QEMU_CLOCK_VIRTUAL): QEMUTimer {
@@ -329,13 +297,7 @@ test('DESIGN: a throwing timer leaves later due timers armed; they run in the ne
     const host = vtimer(ctx, log, 'host', QEMU_CLOCK_HOST); // a later clock list, due too
     for (const t of [a, b, c]) timer_mod_ns(t, t0);
     timer_mod_ns(host, 0);
-    let caught: unknown = null;
-    try {
-      aio_poll(ctx, false);
-    } catch (e) {
-      caught = e;
-    }
-    assert.is(caught, boom);
+    assert.is(thrown(() => aio_poll(ctx, false)), boom);
     assert.equal(log, ['A', 'B']);
     assert.equal([timer_pending(a), timer_pending(b), timer_pending(c), timer_pending(host)], [false, false, true, true]);
     assert.is(qemu_get_current_aio_context(), qemu_get_aio_context());
@@ -357,13 +319,7 @@ test('DESIGN: when a BH throws, the timers of that poll run in the next one', ()
       throw boom;
     });
     qemu_bh_schedule(bh);
-    let caught: unknown = null;
-    try {
-      aio_poll(ctx, false);
-    } catch (e) {
-      caught = e;
-    }
-    assert.is(caught, boom);
+    assert.is(thrown(() => aio_poll(ctx, false)), boom);
     assert.equal(log, ['bh']);
     assert.is(timer_pending(ts), true);
     assert.is(aio_poll(ctx, false), true);

@@ -7,7 +7,6 @@ import {
   AioContext,
   CoMutex,
   Coroutine,
-  CoroutineError,
   aio_co_schedule,
   aio_context_new,
   aio_context_unref,
@@ -25,22 +24,8 @@ import {
   qemu_get_current_aio_context,
   type CoroutineFn,
 } from '../../src/index.ts';
-
-function thrown(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  assert.unreachable('expected the call to throw');
-  return undefined;
-}
-
-function throwsCo(fn: () => void, message: string): void {
-  const e = thrown(fn);
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
+import { assertCoError, thrown, throwsCo } from '../helpers/assert.ts';
+import { selfName } from '../helpers/coroutines.ts';
 
 const main = qemu_get_aio_context();
 
@@ -49,10 +34,6 @@ const MSG_HOLDER = "qemu_co_mutex_unlock: Assertion 'mutex->holder == self' fail
 const MSG_IN_CO = "qemu_co_mutex_unlock: Assertion 'qemu_in_coroutine()' failed";
 const MSG_ASSERT =
   "qemu_co_mutex_assert_locked: Assertion 'mutex->locked && mutex->holder == qemu_coroutine_self()' failed";
-
-function name(): string {
-  return qemu_coroutine_self().name as string;
-}
 
 // ---------------------------------------------------------------------------------------
 // /locking/co-mutex (S80)
@@ -104,19 +85,19 @@ interface Shared {
 }
 
 function* lockLogUnlock(s: Shared): CoroutineFn<void> {
-  s.log.push(`${name()}:lock`);
+  s.log.push(`${selfName()}:lock`);
   yield* qemu_co_mutex_lock(s.m);
-  s.log.push(`${name()}:got`);
+  s.log.push(`${selfName()}:got`);
   qemu_co_mutex_unlock(s.m);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 function* holdUntilReentered(s: Shared): CoroutineFn<void> {
   yield* qemu_co_mutex_lock(s.m);
-  s.log.push(`${name()}:got`);
+  s.log.push(`${selfName()}:got`);
   yield* qemu_coroutine_yield();
   qemu_co_mutex_unlock(s.m);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 test('S76: an uncontended lock is taken without yielding', () => {
@@ -186,20 +167,19 @@ test('S77: no barging: between unlock and the waiter running, holder is null, an
   assert.equal(s.log, ['W:lock', 'H:unlocked', 'N:lock', 'H:ends', 'W:got', 'W:unlocked', 'N:got', 'N:unlocked']);
   assert.is(s.holderAfterUnlock, null);
   assert.ok((s.lockedAfterUnlock as number) >= 1, 'locked never drops to 0 during a hand-off');
-  assert.instance(s.assertError, CoroutineError);
-  assert.is((s.assertError as Error).message, MSG_ASSERT);
+  assertCoError(s.assertError, MSG_ASSERT);
   assert.is(s.m.locked, 0);
   assert.is(s.m.holder, null);
 });
 
 function* unlockFromPlainWaker(s: Shared): CoroutineFn<void> {
   yield* qemu_co_mutex_lock(s.m);
-  s.log.push(`${name()}:got`);
+  s.log.push(`${selfName()}:got`);
   yield* qemu_coroutine_yield();
   qemu_co_mutex_unlock(s.m);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
   yield* qemu_coroutine_yield();
-  s.log.push(`${name()}:resumed`);
+  s.log.push(`${selfName()}:resumed`);
 }
 
 test('S77: the woken waiter becomes holder when it runs (holder set by the waiter itself)', () => {
@@ -258,10 +238,8 @@ test('S77: unlocking a mutex held by another coroutine throws and changes nothin
   assert.is(o.ok, true);
   qemu_coroutine_enter(qemu_coroutine_create(unlockNotHolder, o));
   assert.is(o.errors.length, 2);
-  assert.instance(o.errors[0], CoroutineError);
-  assert.is((o.errors[0] as Error).message, MSG_HOLDER);
-  assert.instance(o.errors[1], CoroutineError);
-  assert.is((o.errors[1] as Error).message, MSG_ASSERT);
+  assertCoError(o.errors[0], MSG_HOLDER);
+  assertCoError(o.errors[1], MSG_ASSERT);
   // From plain code, too.
   throwsCo(() => qemu_co_mutex_unlock(o.m), MSG_HOLDER);
   throwsCo(() => qemu_co_mutex_assert_locked(o.m), MSG_ASSERT);
@@ -274,10 +252,8 @@ test('S77: unlocking a mutex held by another coroutine throws and changes nothin
 test('S77: unlocking or asserting a free mutex throws', () => {
   const o: { m: CoMutex; errors: unknown[] } = { m: new CoMutex(), errors: [] };
   qemu_coroutine_enter(qemu_coroutine_create(unlockNotHolder, o));
-  assert.instance(o.errors[0], CoroutineError);
-  assert.is((o.errors[0] as Error).message, MSG_LOCKED);
-  assert.instance(o.errors[1], CoroutineError);
-  assert.is((o.errors[1] as Error).message, MSG_ASSERT);
+  assertCoError(o.errors[0], MSG_LOCKED);
+  assertCoError(o.errors[1], MSG_ASSERT);
   throwsCo(() => qemu_co_mutex_unlock(o.m), MSG_LOCKED);
   throwsCo(() => qemu_co_mutex_assert_locked(o.m), MSG_ASSERT);
   assert.is(o.m.locked, 0);
@@ -371,7 +347,7 @@ function* stressWorker(s: Stress): CoroutineFn<void> {
     if (i % 3 === 0) yield* yieldToLoop(ctx);
     s.counter = seen + 1;
     s.inside--;
-    if (i === 0) s.order.push(name());
+    if (i === 0) s.order.push(selfName());
     qemu_co_mutex_unlock(s.m);
     if (i % 2 === 1) yield* yieldToLoop(ctx);
   }

@@ -6,7 +6,6 @@ import * as assert from 'uvu/assert';
 import {
   CoMutex,
   CoQueue,
-  Coroutine,
   CoroutineError,
   aio_context_new,
   aio_context_unref,
@@ -28,22 +27,8 @@ import {
   qemu_in_coroutine,
   type CoroutineFn,
 } from '../../src/index.ts';
-
-function thrown(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  assert.unreachable('expected the call to throw');
-  return undefined;
-}
-
-function throwsCo(fn: () => void, message: string): void {
-  const e = thrown(fn);
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
+import { thrown, throwsCo } from '../helpers/assert.ts';
+import { selfName, start } from '../helpers/coroutines.ts';
 
 const main = qemu_get_aio_context();
 
@@ -53,34 +38,24 @@ interface Shared {
   log: string[];
 }
 
-function name(): string {
-  return qemu_coroutine_self().name as string;
-}
-
 /** Waits on the queue (no lock) once, logging before and after. */
 function* waiter(s: Shared): CoroutineFn<void> {
-  s.log.push(`${name()}:wait`);
+  s.log.push(`${selfName()}:wait`);
   yield* qemu_co_queue_wait(s.q);
-  s.log.push(`${name()}:woken`);
+  s.log.push(`${selfName()}:woken`);
 }
 
 /** Takes the mutex, waits on the queue with it, logs whether it holds the mutex after. */
 function* lockedWaiter(s: Shared): CoroutineFn<void> {
   yield* qemu_co_mutex_lock(s.m);
-  s.log.push(`${name()}:wait`);
+  s.log.push(`${selfName()}:wait`);
   yield* qemu_co_queue_wait(s.q, s.m);
-  s.log.push(`${name()}:woken holder=${s.m.holder === qemu_coroutine_self()}`);
+  s.log.push(`${selfName()}:woken holder=${s.m.holder === qemu_coroutine_self()}`);
   qemu_co_mutex_unlock(s.m);
 }
 
 function shared(): Shared {
   return { q: new CoQueue(), m: new CoMutex(), log: [] };
-}
-
-function spawn<A>(entry: (opaque: A) => CoroutineFn<void>, s: A, n: string): Coroutine {
-  const co = qemu_coroutine_create(entry, s, n);
-  qemu_coroutine_enter(co);
-  return co;
 }
 
 test('S71: a new CoQueue is empty; next, restart_all and enter_next on it do nothing', () => {
@@ -96,7 +71,7 @@ test('S71: a new CoQueue is empty; next, restart_all and enter_next on it do not
 
 test('S72: qemu_co_queue_wait always yields, even with nobody to wake it', () => {
   const s = shared();
-  spawn(waiter, s, 'W');
+  start(waiter, s, 'W');
   assert.equal(s.log, ['W:wait']);
   assert.is(qemu_co_queue_empty(s.q), false);
   assert.is(qemu_in_coroutine(), false);
@@ -107,9 +82,9 @@ test('S72: qemu_co_queue_wait always yields, even with nobody to wake it', () =>
 
 test('S72/S73: waiters are woken in FIFO order; from plain code each runs before qemu_co_queue_next returns', () => {
   const s = shared();
-  spawn(waiter, s, 'W1');
-  spawn(waiter, s, 'W2');
-  spawn(waiter, s, 'W3');
+  start(waiter, s, 'W1');
+  start(waiter, s, 'W2');
+  start(waiter, s, 'W3');
   s.log.length = 0;
   for (let i = 0; i < 3; i++) {
     assert.is(qemu_co_queue_next(s.q), true);
@@ -122,9 +97,9 @@ test('S72/S73: waiters are woken in FIFO order; from plain code each runs before
 
 test('S73: qemu_co_queue_restart_all from plain code wakes everyone, oldest first, before it returns', () => {
   const s = shared();
-  spawn(waiter, s, 'A');
-  spawn(waiter, s, 'B');
-  spawn(waiter, s, 'C');
+  start(waiter, s, 'A');
+  start(waiter, s, 'B');
+  start(waiter, s, 'C');
   s.log.length = 0;
   qemu_co_queue_restart_all(s.q);
   s.log.push('restart_all returned');
@@ -159,10 +134,10 @@ function* wakerCo(w: Waker): CoroutineFn<void> {
 
 test('S73/S69b: qemu_co_queue_next from a coroutine defers the waiter until the caller yields', () => {
   const s = shared();
-  spawn(waiter, s, 'W1');
-  spawn(waiter, s, 'W2');
+  start(waiter, s, 'W1');
+  start(waiter, s, 'W2');
   s.log.length = 0;
-  spawn(wakerCo, { s, how: 'next' } satisfies Waker, 'K');
+  start(wakerCo, { s, how: 'next' } satisfies Waker, 'K');
   assert.equal(s.log, ['waker:next=true', 'waker:empty=false', 'waker:yield', 'W1:woken']);
   assert.is(qemu_co_queue_empty(s.q), false);
   assert.is(qemu_co_queue_next(s.q), true);
@@ -171,19 +146,19 @@ test('S73/S69b: qemu_co_queue_next from a coroutine defers the waiter until the 
 
 test('S73/S69b: ... or until it terminates', () => {
   const s = shared();
-  spawn(waiter, s, 'W1');
+  start(waiter, s, 'W1');
   s.log.length = 0;
-  spawn(wakerCo, { s, how: 'next-and-end' } satisfies Waker, 'K');
+  start(wakerCo, { s, how: 'next-and-end' } satisfies Waker, 'K');
   assert.equal(s.log, ['waker:next=true', 'waker:empty=true', 'waker:ends', 'W1:woken']);
 });
 
 test('S73/S69b: qemu_co_queue_restart_all from a coroutine wakes all, FIFO, after the caller yields', () => {
   const s = shared();
-  spawn(waiter, s, 'A');
-  spawn(waiter, s, 'B');
-  spawn(waiter, s, 'C');
+  start(waiter, s, 'A');
+  start(waiter, s, 'B');
+  start(waiter, s, 'C');
   s.log.length = 0;
-  const k = spawn(wakerCo, { s, how: 'restart_all' } satisfies Waker, 'K');
+  const k = start(wakerCo, { s, how: 'restart_all' } satisfies Waker, 'K');
   assert.equal(s.log, ['waker:restart_all returned', 'waker:empty=true', 'waker:yield', 'A:woken', 'B:woken', 'C:woken']);
   qemu_coroutine_enter(k);
   assert.is(s.log[s.log.length - 1], 'waker:resumed');
@@ -205,14 +180,14 @@ test('S73: a waiter from another context is scheduled there, not run by qemu_co_
 
 test('S74: qemu_co_enter_next without a lock: immediate from plain code, deferred from a coroutine', () => {
   const s = shared();
-  spawn(waiter, s, 'W1');
-  spawn(waiter, s, 'W2');
+  start(waiter, s, 'W1');
+  start(waiter, s, 'W2');
   s.log.length = 0;
   assert.is(qemu_co_enter_next(s.q), true);
   s.log.push('enter_next returned');
   assert.equal(s.log, ['W1:woken', 'enter_next returned']);
   s.log.length = 0;
-  spawn(wakerCo, { s, how: 'enter_next' } satisfies Waker, 'K');
+  start(wakerCo, { s, how: 'enter_next' } satisfies Waker, 'K');
   assert.equal(s.log, ['waker:enter_next=true', 'waker:empty=true', 'waker:yield', 'W2:woken']);
   assert.is(qemu_co_enter_next(s.q, null), false);
 });
@@ -228,19 +203,19 @@ function* enterNextHoldingLock(s: Shared): CoroutineFn<void> {
 
 test('S74: qemu_co_enter_next with a lock from a coroutine: the caller still holds it after; the waiter re-takes it later', () => {
   const s = shared();
-  spawn(lockedWaiter, s, 'W');
+  start(lockedWaiter, s, 'W');
   assert.equal(s.m.locked, 0); // released by the wait
   s.log.length = 0;
-  spawn(enterNextHoldingLock, s, 'K');
+  start(enterNextHoldingLock, s, 'K');
   assert.equal(s.log, ['K:enter_next=true holder=true', 'K:unlocked, yield', 'W:woken holder=true']);
   assert.is(s.m.locked, 0);
   assert.is(s.m.holder, null);
 });
 
 function* plainLocker(s: Shared): CoroutineFn<void> {
-  s.log.push(`${name()}:lock`);
+  s.log.push(`${selfName()}:lock`);
   yield* qemu_co_mutex_lock(s.m);
-  s.log.push(`${name()}:got`);
+  s.log.push(`${selfName()}:got`);
   qemu_co_mutex_unlock(s.m);
 }
 
@@ -256,9 +231,9 @@ function* enterNextContended(s: Shared): CoroutineFn<void> {
 
 test('S74: qemu_co_enter_next cannot re-take a contended CoMutex: it throws, and both woken coroutines still run', () => {
   const s = shared();
-  spawn(lockedWaiter, s, 'W');
+  start(lockedWaiter, s, 'W');
   s.log.length = 0;
-  const k = spawn(enterNextContended, s, 'K');
+  const k = start(enterNextContended, s, 'K');
   assert.equal(s.log, [
     'X:lock',
     'K:qemu_co_enter_next: the CoMutex is contended; it cannot be re-taken outside a coroutine_fn',
@@ -282,10 +257,10 @@ function* holdMutex(s: Shared): CoroutineFn<void> {
 
 test('S74 + "exceptions never drop queued work": qemu_co_enter_next with a lock the caller does not hold throws and leaves the waiter queued', () => {
   const s = shared();
-  spawn(waiter, s, 'W');
-  const h = spawn(holdMutex, s, 'H'); // someone else holds the mutex
+  start(waiter, s, 'W');
+  const h = start(holdMutex, s, 'H'); // someone else holds the mutex
   s.log.length = 0;
-  spawn(enterNextNotHolding, s, 'K');
+  start(enterNextNotHolding, s, 'K');
   assert.equal(s.log, ["K:qemu_co_mutex_unlock: Assertion 'mutex->holder == self' failed"]);
   // Nobody was woken, and the waiter is still in the queue.
   assert.is(qemu_co_queue_empty(s.q), false);
@@ -305,9 +280,9 @@ function* wakeWhileHolding(s: Shared): CoroutineFn<void> {
 
 test('S72: after the wake, re-taking the lock may wait again (the waiter queues behind the holder)', () => {
   const s = shared();
-  spawn(lockedWaiter, s, 'W');
+  start(lockedWaiter, s, 'W');
   s.log.length = 0;
-  const k = spawn(wakeWhileHolding, s, 'K');
+  const k = start(wakeWhileHolding, s, 'K');
   // W ran after K yielded, found the mutex held and queued on it: not woken yet.
   assert.equal(s.log, ['K:woke W, yields holding the mutex']);
   assert.is(s.m.locked, 2);
@@ -318,8 +293,8 @@ test('S72: after the wake, re-taking the lock may wait again (the waiter queues 
 
 test('qemu_co_queue_init empties the queue; its waiters are forgotten, not woken', () => {
   const s = shared();
-  spawn(waiter, s, 'W1');
-  spawn(waiter, s, 'W2');
+  start(waiter, s, 'W1');
+  start(waiter, s, 'W2');
   assert.is(qemu_co_queue_empty(s.q), false);
   qemu_co_queue_init(s.q);
   assert.is(qemu_co_queue_empty(s.q), true);
@@ -327,7 +302,7 @@ test('qemu_co_queue_init empties the queue; its waiters are forgotten, not woken
   qemu_co_queue_restart_all(s.q);
   assert.equal(s.log, ['W1:wait', 'W2:wait']);
   // The queue works normally afterwards.
-  spawn(waiter, s, 'W3');
+  start(waiter, s, 'W3');
   assert.is(qemu_co_queue_next(s.q), true);
   assert.equal(s.log, ['W1:wait', 'W2:wait', 'W3:wait', 'W3:woken']);
 });
@@ -346,19 +321,19 @@ test('S58: qemu_co_queue_wait outside a coroutine throws "Co-routine is yielding
 function* waitWithUnheldLock(s: Shared): CoroutineFn<void> {
   try {
     yield* qemu_co_queue_wait(s.q, s.m);
-    s.log.push(`${name()}:first wait returned`);
+    s.log.push(`${selfName()}:first wait returned`);
   } catch (e) {
     const err = e as Error;
-    s.log.push(`${name()}:${err instanceof CoroutineError ? 'CoroutineError' : err.name} ${err.message} empty=${qemu_co_queue_empty(s.q)}`);
+    s.log.push(`${selfName()}:${err instanceof CoroutineError ? 'CoroutineError' : err.name} ${err.message} empty=${qemu_co_queue_empty(s.q)}`);
   }
   yield* qemu_co_queue_wait(s.q);
-  s.log.push(`${name()}:woken`);
+  s.log.push(`${selfName()}:woken`);
 }
 
 test('S72: qemu_co_queue_wait whose unlock throws (lock free, or held by another) never queued the caller; it can wait normally afterwards', () => {
   // The mutex is free: QEMU's 'mutex->locked' assertion.
   const s = shared();
-  spawn(waitWithUnheldLock, s, 'W');
+  start(waitWithUnheldLock, s, 'W');
   assert.equal(s.log, ["W:CoroutineError qemu_co_mutex_unlock: Assertion 'mutex->locked' failed empty=true"]);
   assert.is(qemu_co_queue_empty(s.q), false, 'W now waits for real');
   assert.is(qemu_co_queue_next(s.q), true);
@@ -368,8 +343,8 @@ test('S72: qemu_co_queue_wait whose unlock throws (lock free, or held by another
 
   // Another coroutine holds it: the 'mutex->holder == self' assertion; the holder keeps it.
   const t = shared();
-  const h = spawn(holdMutex, t, 'H');
-  spawn(waitWithUnheldLock, t, 'W2');
+  const h = start(holdMutex, t, 'H');
+  start(waitWithUnheldLock, t, 'W2');
   assert.equal(t.log, ["W2:CoroutineError qemu_co_mutex_unlock: Assertion 'mutex->holder == self' failed empty=true"]);
   assert.is(t.m.holder, h);
   assert.is(qemu_co_queue_next(t.q), true);
@@ -389,15 +364,15 @@ interface Failing {
 /** Waits on the queue; once woken, logs and throws if its name is in `fail`. */
 function* failingWaiter(f: Failing): CoroutineFn<void> {
   yield* qemu_co_queue_wait(f.s.q);
-  f.s.log.push(`${name()}:woken`);
-  if (f.fail.includes(name())) throw new WaiterFailure(`${name()} failed`);
+  f.s.log.push(`${selfName()}:woken`);
+  if (f.fail.includes(selfName())) throw new WaiterFailure(`${selfName()} failed`);
 }
 
 test('S73 + "exceptions never drop queued work": restart_all from plain code wakes every waiter even if the first throws, then rethrows its error', () => {
   const f: Failing = { s: shared(), fail: ['A'] };
-  spawn(failingWaiter, f, 'A');
-  spawn(failingWaiter, f, 'B');
-  spawn(failingWaiter, f, 'C');
+  start(failingWaiter, f, 'A');
+  start(failingWaiter, f, 'B');
+  start(failingWaiter, f, 'C');
   const e = thrown(() => qemu_co_queue_restart_all(f.s.q));
   assert.ok(e instanceof WaiterFailure && e.message === 'A failed', String(e));
   assert.equal(f.s.log, ['A:woken', 'B:woken', 'C:woken']);
@@ -407,9 +382,9 @@ test('S73 + "exceptions never drop queued work": restart_all from plain code wak
 
 test('S73 + "exceptions never drop queued work": restart_all from plain code with several throwing waiters wakes all, then throws an AggregateError of their errors in order', () => {
   const f: Failing = { s: shared(), fail: ['A', 'C'] };
-  spawn(failingWaiter, f, 'A');
-  spawn(failingWaiter, f, 'B');
-  spawn(failingWaiter, f, 'C');
+  start(failingWaiter, f, 'A');
+  start(failingWaiter, f, 'B');
+  start(failingWaiter, f, 'C');
   const e = thrown(() => qemu_co_queue_restart_all(f.s.q));
   assert.instance(e, AggregateError);
   const agg = e as AggregateError;

@@ -5,7 +5,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
   CoRwlock,
-  Coroutine,
   CoroutineError,
   aio_context_new,
   aio_context_unref,
@@ -19,27 +18,12 @@ import {
   qemu_co_rwlock_wrlock,
   qemu_coroutine_create,
   qemu_coroutine_enter,
-  qemu_coroutine_self,
   qemu_coroutine_yield,
   qemu_get_aio_context,
   type CoroutineFn,
 } from '../../src/index.ts';
-
-function thrown(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  assert.unreachable('expected the call to throw');
-  return undefined;
-}
-
-function throwsCo(fn: () => void, message: string): void {
-  const e = thrown(fn);
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
+import { thrown, throwsCo } from '../helpers/assert.ts';
+import { selfName, start } from '../helpers/coroutines.ts';
 
 const main = qemu_get_aio_context();
 
@@ -53,16 +37,6 @@ function shared(): Shared {
   return { l: new CoRwlock(), log: [], done: new Set() };
 }
 
-function name(): string {
-  return qemu_coroutine_self().name as string;
-}
-
-function start(entry: (s: Shared) => CoroutineFn<void>, s: Shared, n: string): Coroutine {
-  const co = qemu_coroutine_create(entry, s, n);
-  qemu_coroutine_enter(co);
-  return co;
-}
-
 // ---------------------------------------------------------------------------------------
 // /locking/co-rwlock/upgrade and /locking/co-rwlock/downgrade (S82), ported
 
@@ -70,17 +44,17 @@ function* rdlockYieldUpgrade(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_rdlock(s.l);
   yield* qemu_coroutine_yield();
   yield* qemu_co_rwlock_upgrade(s.l);
-  s.log.push(`${name()}:upgraded owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:upgraded owners=${s.l.owners}`);
   qemu_co_rwlock_unlock(s.l);
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 function* wrlockYield(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_wrlock(s.l);
-  s.log.push(`${name()}:wrlocked`);
+  s.log.push(`${selfName()}:wrlocked`);
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_unlock(s.l);
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 test('S82 /locking/co-rwlock/upgrade: the sole reader goes back in line behind a queued writer when it upgrades', () => {
@@ -104,30 +78,30 @@ function* rdlockYieldUnlockYield(s: Shared): CoroutineFn<void> {
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_unlock(s.l);
   yield* qemu_coroutine_yield();
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 function* wrlockDowngrade(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_wrlock(s.l);
-  s.log.push(`${name()}:wrlocked`);
+  s.log.push(`${selfName()}:wrlocked`);
   qemu_co_rwlock_downgrade(s.l);
-  s.log.push(`${name()}:downgraded owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:downgraded owners=${s.l.owners}`);
   qemu_co_rwlock_unlock(s.l);
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 function* rdlockUnlock(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_rdlock(s.l);
-  s.log.push(`${name()}:rdlocked owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:rdlocked owners=${s.l.owners}`);
   qemu_co_rwlock_unlock(s.l);
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 function* wrlockUnlock(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_wrlock(s.l);
-  s.log.push(`${name()}:wrlocked owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:wrlocked owners=${s.l.owners}`);
   qemu_co_rwlock_unlock(s.l);
-  s.done.add(name());
+  s.done.add(selfName());
 }
 
 test('S82 /locking/co-rwlock/downgrade: reader, writer, reader, writer queued; downgrade does not hang anyone', () => {
@@ -153,21 +127,21 @@ test('S82 /locking/co-rwlock/downgrade: reader, writer, reader, writer queued; d
 // readers, writers and the ticket queue
 
 function* rdlockHold(s: Shared): CoroutineFn<void> {
-  s.log.push(`${name()}:rdlock`);
+  s.log.push(`${selfName()}:rdlock`);
   yield* qemu_co_rwlock_rdlock(s.l);
-  s.log.push(`${name()}:rd owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:rd owners=${s.l.owners}`);
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_unlock(s.l);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 function* wrlockHold(s: Shared): CoroutineFn<void> {
-  s.log.push(`${name()}:wrlock`);
+  s.log.push(`${selfName()}:wrlock`);
   yield* qemu_co_rwlock_wrlock(s.l);
-  s.log.push(`${name()}:wr owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:wr owners=${s.l.owners}`);
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_unlock(s.l);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 test('S82: readers share the lock at once while nothing is queued', () => {
@@ -229,14 +203,14 @@ test('S82: tickets are served FIFO; a woken reader wakes the next reader in line
 
 function* upgradeAndHold(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_rdlock(s.l);
-  s.log.push(`${name()}:rd`);
+  s.log.push(`${selfName()}:rd`);
   yield* qemu_coroutine_yield();
-  s.log.push(`${name()}:upgrade`);
+  s.log.push(`${selfName()}:upgrade`);
   yield* qemu_co_rwlock_upgrade(s.l);
-  s.log.push(`${name()}:upgraded owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:upgraded owners=${s.l.owners}`);
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_unlock(s.l);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 test('S82: upgrade is immediate for the sole reader with no tickets; readers arriving then queue', () => {
@@ -269,14 +243,14 @@ test('S82: upgrade with another reader present drops the read hold and waits unt
 
 function* downgradeAndHold(s: Shared): CoroutineFn<void> {
   yield* qemu_co_rwlock_wrlock(s.l);
-  s.log.push(`${name()}:wr`);
+  s.log.push(`${selfName()}:wr`);
   yield* qemu_coroutine_yield();
   qemu_co_rwlock_downgrade(s.l);
-  s.log.push(`${name()}:downgraded`);
+  s.log.push(`${selfName()}:downgraded`);
   yield* qemu_coroutine_yield();
-  s.log.push(`${name()}:owners=${s.l.owners}`);
+  s.log.push(`${selfName()}:owners=${s.l.owners}`);
   qemu_co_rwlock_unlock(s.l);
-  s.log.push(`${name()}:unlocked`);
+  s.log.push(`${selfName()}:unlocked`);
 }
 
 test('S82: downgrade lets the queued readers in (chained) while the downgrader keeps reading; a writer behind them waits', () => {

@@ -4,12 +4,10 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import {
   AioContext,
   Coroutine,
-  CoroutineError,
   CoMutex,
   CoRwlock,
   aio_co_enter,
@@ -36,39 +34,14 @@ import {
   type CoroutineFn,
   type CoroutineYield,
 } from '../../src/index.ts';
+import { assertCoError, thrown, throwsCo } from '../helpers/assert.ts';
+import { pollUntilIdle } from '../helpers/aio.ts';
+import { runNodeSync } from '../helpers/child.ts';
 
 // ---------------------------------------------------------------------------------------
 // helpers
 
-/** Runs `fn`, which must throw; returns what it threw. */
-function thrown(fn: () => void): unknown {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  assert.unreachable('expected the call to throw');
-  return undefined;
-}
-
-/** Asserts `fn` throws a CoroutineError with exactly `message`. */
-function throwsCo(fn: () => void, message: string): void {
-  const e = thrown(fn);
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
-
-function assertCoError(e: unknown, message: string): void {
-  assert.instance(e, CoroutineError);
-  assert.is((e as Error).message, message);
-}
-
 const main = qemu_get_aio_context();
-
-/** Polls `ctx` without blocking until nothing more runs (bounded). */
-function drain(ctx: AioContext): void {
-  for (let i = 0; i < 100 && aio_poll(ctx, false); i++);
-}
 
 // ---------------------------------------------------------------------------------------
 // create / enter / yield (S55, S56, S58)
@@ -862,7 +835,7 @@ test('S56/S57: a queued coroutine that was scheduled meanwhile is not entered by
   assert.is(errs.length, 2);
   for (const err of errs) assertCoError(err, "qemu_aio_coroutine_enter: Co-routine was already scheduled in 'aio_co_schedule'");
   assert.equal(p.log, ['X:run', 'Y:run', 'waker:yield', 'Z:run']);
-  drain(main);
+  pollUntilIdle(main, 100);
   assert.equal(p.log, ['X:run', 'Y:run', 'waker:yield', 'Z:run', 'X:resumed', 'Y:resumed']);
 
   // Only unenterable ones queued: the loop ends after skipping them.
@@ -873,7 +846,7 @@ test('S56/S57: a queued coroutine that was scheduled meanwhile is not entered by
   q.scheduled = [only];
   const e2 = thrown(() => qemu_coroutine_enter(qemu_coroutine_create(wakeThenScheduleThenYield, q)));
   assertCoError(e2, "qemu_aio_coroutine_enter: Co-routine was already scheduled in 'aio_co_schedule'");
-  drain(main);
+  pollUntilIdle(main, 100);
   assert.equal(q.log, ['O:run', 'waker:yield', 'O:resumed']);
 });
 
@@ -893,7 +866,7 @@ function runFixture(debug: boolean): FixtureOut {
   const env = { ...process.env };
   delete env.AIOCO_DEBUG;
   if (debug) env.AIOCO_DEBUG = '1';
-  const r = spawnSync(process.execPath, ['--import', 'tsx', fixture], { env, encoding: 'utf8', timeout: 30_000 });
+  const r = runNodeSync(['--import', 'tsx', fixture], { env, timeoutMs: 30_000 });
   assert.is(r.status, 0, `fixture failed: ${r.stderr}`);
   return JSON.parse(r.stdout.trim().split('\n').pop() as string) as FixtureOut;
 }

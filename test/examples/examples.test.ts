@@ -2,13 +2,10 @@
 // by themselves (the host-loop drive holds Node only while there is work).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-
-const root = fileURLToPath(new URL('../..', import.meta.url));
+import { runNodeSync } from '../helpers/child.ts';
 
 function runExample(file: string) {
-  return spawnSync(process.execPath, ['--import', 'tsx', file], { cwd: root, encoding: 'utf8', timeout: 30_000 });
+  return runNodeSync(['--import', 'tsx', file], { timeoutMs: 30_000 });
 }
 
 test('README example: a coroutine moves main -> IOThread -> main and the process exits', () => {
