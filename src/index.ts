@@ -314,3 +314,15 @@ export {
 } from './block/block-backend.ts';
 export { guestMemoryProbePhase } from './aio/guest-memory.ts';
 export { thread_pool_aiocb_info } from './aio/thread-pool.ts';
+export {
+  AioTaskPool,
+  aio_task_pool_new,
+  aio_task_pool_start_task,
+  aio_task_pool_wait_one,
+  aio_task_pool_wait_slot,
+  aio_task_pool_wait_all,
+  aio_task_pool_free,
+  aio_task_pool_status,
+  aio_task_pool_empty,
+} from './block/aio-task.ts';
+export type { AioTask, AioTaskFunc } from './block/aio-task.ts';

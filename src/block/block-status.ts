@@ -116,19 +116,24 @@ export function* bdrv_co_block_status(
   }
 }
 
+/**
+ * RAW: the answer is the child's at `map`; as in QEMU 7.2 (its `out:` label), EOF is then
+ * judged against the node that was asked, not the child.
+ */
 function* rawPassthrough(
   _bs: BlockDriverState,
   want_zero: boolean,
-  _offset: number,
+  offset: number,
   bytes: number,
   out: BlockStatusOut,
   _ret: number,
   map: number,
   file: BlockDriverState | null,
-  _total: number,
+  total: number,
 ): CoroutineFn<number> {
   if (!file) return -EIO;
-  const r = yield* bdrv_co_block_status(file, want_zero, map, bytes, out);
+  let r = yield* bdrv_co_block_status(file, want_zero, map, bytes, out);
+  if (r >= 0 && offset + out.pnum === total) r |= BDRV_BLOCK_EOF;
   return r;
 }
 
