@@ -27,4 +27,22 @@ test('demo: worker and waiter meet in the IOThread, then the process exits', () 
   assert.match(lines[4] ?? '', /^waiter returned 'ok', worker returned 42 in \d+\.\d ms$/);
 });
 
+test('npm start: aioco-io on a scratch image, then the disk moves to an IOThread and back', () => {
+  const r = runExample('examples/start.ts');
+  assert.is(r.status, 0, r.stderr);
+  const out = r.stdout.replace(/\d\d\.\d\d sec \([^)]*\)/g, 'X sec (X)').replace(/aioco-start-\w+/g, 'aioco-start-X');
+  assert.ok(out.includes('wrote 65536/65536 bytes at offset 0\n64 KiB, 1 ops; X sec (X)\nread 65536/65536 bytes at offset 0\n'), out);
+  assert.ok(out.includes('1 MiB (0x100000) bytes     allocated at offset 0 bytes (0x0)\n1 MiB\n'), out);
+  const tail = out.slice(out.indexOf('in-process'));
+  assert.equal(tail.trim().split('\n').slice(1), [
+    "  write 4 KiB at 128 KiB (main): ret 0, callback ran in context 'main'",
+    '  bdrv_try_change_aio_context -> iothread0: 0',
+    "  read 4 KiB at 128 KiB (iothread0): ret 0, callback ran in context 'iothread0'",
+    '  read back 0xcd ... 0xcd',
+    '  bdrv_try_change_aio_context -> main: 0',
+    "  read 4 KiB at 0 (main): ret 0, callback ran in context 'main'",
+    '  read back 0xab (written by aioco-io above)',
+  ]);
+});
+
 test.run();
