@@ -6,7 +6,8 @@
  * Runs under effection's main() (Ctrl-C halts it; the backend is drained and closed on the way
  * out). Each command waits only for its own request; between commands the tool returns to
  * Node's loop. Drivers: every module in examples/drivers/ is imported first (each registers
- * itself), then the modules listed in AIOCO_IO_PRELOAD (comma-separated paths).
+ * itself on import or through its exported `bdrv_<name>_init`), then the modules listed in
+ * AIOCO_IO_PRELOAD (comma-separated paths).
  */
 import { exit, main, sleep, until, type Operation } from 'effection';
 import { readdirSync } from 'node:fs';
@@ -37,7 +38,11 @@ export async function loadDrivers(): Promise<void> {
   } catch {
     files = [];
   }
-  for (const f of files) await import(pathToFileURL(path.join(dir, f)).href);
+  for (const f of files) {
+    const mod = (await import(pathToFileURL(path.join(dir, f)).href)) as Record<string, unknown>;
+    // Drivers that do not register on import export an idempotent `bdrv_<name>_init` (blkdebug).
+    for (const [k, v] of Object.entries(mod)) if (/^bdrv_\w+_init$/.test(k) && typeof v === 'function') (v as () => void)();
+  }
   for (const p of (process.env['AIOCO_IO_PRELOAD'] ?? '').split(',').filter(Boolean)) {
     await import(pathToFileURL(path.resolve(p)).href);
   }

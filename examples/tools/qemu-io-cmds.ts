@@ -474,7 +474,7 @@ import * as fsModule from 'node:fs';
 
 const aio_read_cmd: CmdInfo = {
   name: 'aio_read',
-  argmin: 1,
+  argmin: 2,
   argmax: -1,
   args: '[-Ciqv] [-P pattern] off len [len..]',
   oneline: 'asynchronously reads a number of bytes',
@@ -531,7 +531,7 @@ function sinceBoot(): bigint {
 
 const aio_write_cmd: CmdInfo = {
   name: 'aio_write',
-  argmin: 1,
+  argmin: 2,
   argmax: -1,
   write: true,
   args: '[-Cfiquz] [-P pattern] off len [len..]',
