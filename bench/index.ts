@@ -8,13 +8,15 @@
  * Environment: BENCH_SCALE (default 1) scales every case's operation count, BENCH_ROUNDS
  * (default 15) sets the number of timed runs per case, BENCH_QUIET=1 hides progress,
  * BENCH_VERBOSE=1 also prints every run's ns/op. The thread-pool section follows
- * (bench/thread-pool.ts, ~45 s; BENCH_THREAD_POOL=0 skips it).
+ * (bench/thread-pool.ts, ~45 s; BENCH_THREAD_POOL=0 skips it), then the block-layer section
+ * (bench/block.ts, ~80 s; BENCH_BLOCK=0 skips it).
  */
 import os from 'node:os';
 import { coroutineCases } from './coroutine.ts';
 import { bhCases } from './bh.ts';
 import { evaluate, fmtNs, formatResults, runCases, type Check } from './harness.ts';
 import { runThreadPoolBench } from './thread-pool.ts';
+import { runBlockBench } from './block.ts';
 
 const checks: Check[] = [
   // The references themselves, against the base unit.
@@ -76,6 +78,9 @@ async function main(): Promise<void> {
   console.log(`\n${judged - missed}/${judged} targets met${missed ? `, ${missed} MISS` : ''}`);
   if (process.env.BENCH_THREAD_POOL !== '0') {
     await runThreadPoolBench(quiet ? {} : { log: (msg: string) => process.stderr.write(`  ${msg}\n`) });
+  }
+  if (process.env.BENCH_BLOCK !== '0') {
+    await runBlockBench(quiet ? {} : { log: (msg: string) => process.stderr.write(`  ${msg}\n`) });
   }
 }
 

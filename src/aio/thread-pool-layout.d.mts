@@ -13,6 +13,7 @@ export declare const C_MIN: number;
 export declare const C_SHUTDOWN: number;
 export declare const C_BOOTING: number;
 export declare const C_COMP_HEAD: number;
+export declare const C_SOFT_CAP: number;
 export declare const C_SUB_RING: number;
 export declare const C_COMP_RING: number;
 export declare const C_WORKER: number;

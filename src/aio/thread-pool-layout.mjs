@@ -24,6 +24,8 @@ export const C_SHUTDOWN = 7;
 export const C_BOOTING = 8;
 /** The main thread's position in the completion ring, published after each drain. */
 export const C_COMP_HEAD = 9;
+/** Workers beyond this many exit after a short idle time. */
+export const C_SOFT_CAP = 10;
 export const C_SUB_RING = 16;
 export const C_COMP_RING = C_SUB_RING + MAX_SLOTS;
 /** Per worker: [current slot + 1, alive, watchdog acknowledged, booting]. */

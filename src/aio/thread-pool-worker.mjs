@@ -8,7 +8,7 @@ import {
   C_SUB_HEAD, C_SUB_TAIL, C_SUB_SEQ, C_IDLE, C_LIVE, C_MIN, C_SUB_RING, C_WORKER, W_STRIDE,
   C_SLOT, S_STRIDE, C_IOV, MAX_IOV, F_STRIDE, SLOT_MASK, ST_QUEUED, ST_ACTIVE, ST_DONE,
   OP_NOP, OP_PREADV, OP_PWRITEV, OP_FSYNC, OP_FDATASYNC, OP_FTRUNCATE, OP_FSTAT_SIZE,
-  OP_WRITE_ZEROES, OP_USER, EIO, C_BOOTING, pushCompletion, reclaimWorker,
+  OP_WRITE_ZEROES, OP_USER, EIO, C_BOOTING, C_SOFT_CAP, pushCompletion, reclaimWorker,
 } from './thread-pool-layout.mjs';
 
 const { ctlSab, f64Sab, wakeSab, id } = workerData;
@@ -72,7 +72,8 @@ function idleWait() {
   booted();
   const seq = Atomics.load(ctl, C_SUB_SEQ);
   let r = 'not-equal';
-  if (queueEmpty()) r = Atomics.wait(ctl, C_SUB_SEQ, seq, 10000);
+  const extra = Atomics.load(ctl, C_LIVE) > Atomics.load(ctl, C_SOFT_CAP);
+  if (queueEmpty()) r = Atomics.wait(ctl, C_SUB_SEQ, seq, extra ? 1000 : 10000);
   Atomics.sub(ctl, C_IDLE, 1);
   if (r !== 'timed-out' || !queueEmpty()) return true;
   const live = Atomics.sub(ctl, C_LIVE, 1) - 1;
