@@ -105,8 +105,7 @@ export function blk_new_open(
   }
   let bs: BlockDriverState;
   if (reference !== null) {
-    const found = bdrv_find_node_ref(reference);
-    bs = found;
+    bs = bdrv_open_reference(reference, filename, options);
   } else {
     bs = bdrv_open(filename, opts, flags);
   }
@@ -116,13 +115,7 @@ export function blk_new_open(
   return blk;
 }
 
-import { bdrv_find_node, bdrv_ref } from './block-driver-state.ts';
-function bdrv_find_node_ref(name: string): BlockDriverState {
-  const bs = bdrv_find_node(name);
-  if (!bs) throw new QemuError(`Cannot find device='' nor node-name='${name}'`);
-  bdrv_ref(bs);
-  return bs;
-}
+import { bdrv_open_reference } from './block-driver-state.ts';
 
 /** Drops a reference; the last one detaches and unrefs the root. QEMU: `blk_unref`. */
 export function blk_unref(blk: BlockBackend): void {

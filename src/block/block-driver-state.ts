@@ -28,7 +28,13 @@ import {
 } from './block-common.ts';
 import type { BdrvTrackedRequest } from './tracked-request.ts';
 import { bdrv_co_preadv } from './io.ts';
-import { bdrv_do_drained_begin_quiesce, bdrv_do_drained_end_no_poll, bdrv_drain_poll } from './drain.ts';
+import {
+  bdrv_do_drained_begin_quiesce,
+  bdrv_do_drained_end_no_poll,
+  bdrv_drain_all_end_quiesce,
+  bdrv_drain_all_new_node,
+  bdrv_drain_poll,
+} from './drain.ts';
 
 /** Roles of a child (QEMU's BdrvChildRole bits). */
 export const BDRV_CHILD_DATA = 1 << 0;
@@ -121,6 +127,28 @@ export class BlockDriverState {
   }
 }
 
+/**
+ * Block-status cache (protocol nodes): whether `offset` lies in the cached DATA region; if so sets
+ * `out.pnum` to the bytes from `offset` to the region's end. QEMU: `bdrv_bsc_is_data`.
+ */
+export function bdrv_bsc_is_data(bs: BlockDriverState, offset: number, out: { pnum: number }): boolean {
+  const c = bs.bsc;
+  if (!c || offset < c.offset || offset >= c.end) return false;
+  out.pnum = c.end - offset;
+  return true;
+}
+
+/** Caches `[offset, offset + bytes)` as the node's DATA region. QEMU: `bdrv_bsc_fill`. */
+export function bdrv_bsc_fill(bs: BlockDriverState, offset: number, bytes: number): void {
+  bs.bsc = { offset, end: offset + bytes };
+}
+
+/** Drops the cached region if it overlaps `[offset, offset + bytes)`. QEMU: `bdrv_bsc_invalidate_range`. */
+export function bdrv_bsc_invalidate_range(bs: BlockDriverState, offset: number, bytes: number): void {
+  const c = bs.bsc;
+  if (c && offset <= c.end - 1 && c.offset <= offset + bytes - 1) bs.bsc = null;
+}
+
 /** The node named `node_name`, or null. QEMU: `bdrv_find_node`. */
 export function bdrv_find_node(node_name: string): BlockDriverState | null {
   return named_nodes.get(node_name) ?? null;
@@ -160,6 +188,7 @@ export function bdrv_unref(bs: BlockDriverState | null): void {
   bs.drv = null;
   bs.opaque = null;
   all_bdrv_states.delete(bs);
+  bdrv_drain_all_end_quiesce(bs);
   if (named_nodes.get(bs.node_name) === bs) named_nodes.delete(bs.node_name);
 }
 
@@ -173,6 +202,11 @@ export function bdrv_attach_child(parent: BlockDriverState, child_bs: BlockDrive
   child_bs.parents.push(c);
   if (name === 'file') parent.file = c;
   if (name === 'backing') parent.backing = c;
+  // A drained child keeps its new parent quiesced too (QEMU: bdrv_replace_child_noperm).
+  if (child_bs.quiesce_counter > 0) {
+    c.quiesced_parent = true;
+    c.klass.drained_begin?.(c);
+  }
   return c;
 }
 
@@ -180,6 +214,10 @@ export function bdrv_attach_child(parent: BlockDriverState, child_bs: BlockDrive
 export function bdrv_unref_child(parent: BlockDriverState, c: BdrvChild): void {
   parent.children = parent.children.filter((x) => x !== c);
   c.bs.parents = c.bs.parents.filter((x) => x !== c);
+  if (c.quiesced_parent) {
+    c.quiesced_parent = false;
+    c.klass.drained_end?.(c);
+  }
   if (parent.file === c) parent.file = null;
   if (parent.backing === c) parent.backing = null;
   bdrv_unref(c.bs);
@@ -426,11 +464,8 @@ export function bdrv_open_child(
   const ref = options[bdref_key];
   delete options[bdref_key];
   let bs: BlockDriverState;
-  if (typeof ref === 'string' && Object.keys(sub).length === 0 && filename === null) {
-    const found = bdrv_find_node(ref);
-    if (!found) throw new QemuError(`Cannot find device='' nor node-name='${ref}'`);
-    bdrv_ref(found);
-    bs = found;
+  if (typeof ref === 'string') {
+    bs = bdrv_open_reference(ref, filename, sub);
   } else if (ref instanceof BlockDriverState) {
     bdrv_ref(ref);
     bs = ref;
@@ -445,6 +480,40 @@ export function bdrv_open_child(
     bs = bdrv_open(filename, sub, flags);
   }
   return bdrv_attach_child(parent, bs, bdref_key, role);
+}
+
+/**
+ * The node called `device` (a BlockBackend name; aioco's backends have none) or `node_name`;
+ * throws QemuError "Cannot find device='X' nor node-name='Y'" when there is none. QEMU:
+ * `bdrv_lookup_bs`.
+ */
+export function bdrv_lookup_bs(device: string | null, node_name: string | null): BlockDriverState {
+  const bs = node_name !== null ? bdrv_find_node(node_name) : null;
+  if (!bs) throw new QemuError(`Cannot find device='${device ?? ''}' nor node-name='${node_name ?? ''}'`);
+  return bs;
+}
+
+/**
+ * Opening by reference: a new reference to the existing node `reference` (looked up as device
+ * and as node name). QEMU: the `reference` branch of `bdrv_open_inherit`. Throws QemuError
+ * "Cannot reference an existing block device with additional options or a new filename" when
+ * `filename` or any option comes with it.
+ */
+export function bdrv_open_reference(reference: string, filename: string | null, options: Record<string, unknown>): BlockDriverState {
+  if (filename !== null || Object.keys(options).length > 0) {
+    throw new QemuError('Cannot reference an existing block device with additional options or a new filename');
+  }
+  const bs = bdrv_lookup_bs(reference, reference);
+  bdrv_ref(bs);
+  return bs;
+}
+
+/**
+ * Whether `id` is a well-formed user id (node name): a letter first, then letters, digits,
+ * '-', '.', '_'. QEMU: `id_wellformed`.
+ */
+function id_wellformed(id: string): boolean {
+  return /^[A-Za-z][A-Za-z0-9._-]*$/.test(id);
 }
 
 /**
@@ -503,10 +572,13 @@ export function bdrv_open(filename: string | null, options: Record<string, unkno
   let file_bs: BlockDriverState | null = null;
   const fileSub = qdict_extract_subqdict(options, 'file.');
   const fileRef = options['file'];
-  if (typeof fileRef === 'string' || fileRef instanceof BlockDriverState) {
+  if (typeof fileRef === 'string') {
+    // A reference must come alone (the 'file.' options were taken out above).
+    file_bs = bdrv_open_reference(fileRef, null, fileSub);
+    delete options['file'];
+  } else if (fileRef instanceof BlockDriverState) {
     if (drv === null) {
-      file_bs = fileRef instanceof BlockDriverState ? fileRef : bdrv_find_node(fileRef);
-      if (!file_bs) throw new QemuError(`Cannot find device='' nor node-name='${fileRef}'`);
+      file_bs = fileRef;
       bdrv_ref(file_bs);
       delete options['file'];
     }
@@ -553,6 +625,7 @@ function bdrv_open_common(
   let node_name = optString(options, 'node-name');
   delete options['node-name'];
   if (node_name !== undefined) {
+    if (!id_wellformed(node_name)) throw new QemuError(`Invalid node-name: '${node_name}'`);
     if (named_nodes.has(node_name)) throw new QemuError(`Duplicate nodes with node-name='${node_name}'`);
   } else {
     node_name = `#block${String(++nodeCounter).padStart(3, '0')}`;
@@ -570,6 +643,7 @@ function bdrv_open_common(
   const open = flags & BDRV_O_PROTOCOL ? drv.bdrv_file_open ?? drv.bdrv_open : drv.bdrv_open ?? drv.bdrv_file_open;
   named_nodes.set(node_name, bs);
   all_bdrv_states.add(bs);
+  bdrv_drain_all_new_node(bs);
   try {
     if (flags & BDRV_O_PROTOCOL) {
       if (drv.runtime_opts?.includes('filename') !== true) delete options['filename'];
@@ -594,6 +668,7 @@ function bdrv_open_common(
     bs.drv = null;
     named_nodes.delete(node_name);
     all_bdrv_states.delete(bs);
+    bdrv_drain_all_end_quiesce(bs);
     throw e;
   }
   if (probed && !bs.read_only && drv.format_name === 'raw') process.stderr.write(raw_probe_warning(bs.filename));

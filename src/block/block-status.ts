@@ -16,7 +16,7 @@ import {
   BDRV_BLOCK_ZERO,
 } from './block-common.ts';
 import type { BlockStatusOut } from './block-driver.ts';
-import { bdrv_getlength, type BlockDriverState } from './block-driver-state.ts';
+import { bdrv_bsc_fill, bdrv_bsc_is_data, bdrv_getlength, type BlockDriverState } from './block-driver-state.ts';
 import { bdrv_dec_in_flight, bdrv_inc_in_flight } from './drain.ts';
 
 /**
@@ -25,7 +25,10 @@ import { bdrv_dec_in_flight, bdrv_inc_in_flight } from './drain.ts';
  * `bdrv_co_block_status` (7.2, static there). Rules: offset ≥ length ⇒ EOF with pnum 0; bytes 0
  * ⇒ 0; the range is clamped to the length and rounded out to request_alignment for the driver;
  * without a driver callback: DATA|ALLOCATED (+OFFSET_VALID for protocols), or RAW to `file` for
- * filters; DATA or ZERO ⇒ ALLOCATED; RAW and RECURSE ask `out.file`.
+ * filters; DATA or ZERO ⇒ ALLOCATED; RAW and RECURSE ask `out.file`; map is moved to the
+ * unaligned offset only with OFFSET_VALID. Nodes without children (protocols) answer from their
+ * block-status cache (the last want_zero answer of exactly DATA|OFFSET_VALID) before asking the
+ * driver; zero writes and discards invalidate it.
  */
 export function* bdrv_co_block_status(
   bs: BlockDriverState,
@@ -72,15 +75,29 @@ export function* bdrv_co_block_status(
     const aligned_offset = ALIGN_DOWN(offset, align);
     const aligned_bytes = ALIGN_UP(offset + bytes, align) - aligned_offset;
     const o: BlockStatusOut = { pnum: 0, map: 0, file: null };
-    ret = yield* drv.bdrv_co_block_status(bs, want_zero, aligned_offset, aligned_bytes, o);
+    // Protocol nodes (no children) keep the last DATA region seen with want_zero.
+    const is_protocol_node = bs.children.length === 0;
+    if (is_protocol_node && bdrv_bsc_is_data(bs, aligned_offset, o)) {
+      ret = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
+      o.map = aligned_offset;
+      o.file = bs;
+    } else {
+      ret = yield* drv.bdrv_co_block_status(bs, want_zero, aligned_offset, aligned_bytes, o);
+      if (want_zero && ret === (BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID) && is_protocol_node) {
+        bdrv_bsc_fill(bs, aligned_offset, o.pnum);
+      }
+    }
     if (ret < 0) {
       out.pnum = 0;
+      out.map = o.map;
+      out.file = o.file;
       return ret;
     }
     let pnum = o.pnum - (offset - aligned_offset);
     if (pnum > bytes) pnum = bytes;
     out.pnum = pnum;
-    local_map = o.map + (offset - aligned_offset);
+    local_map = o.map;
+    if (ret & BDRV_BLOCK_OFFSET_VALID) local_map += offset - aligned_offset;
     local_file = o.file;
     if (ret & BDRV_BLOCK_RAW) {
       return yield* rawPassthrough(bs, want_zero, offset, pnum, out, ret, local_map, local_file, total_size);
@@ -139,8 +156,10 @@ function* rawPassthrough(
 
 /**
  * Status through the backing chain from `bs` down to (not including) `base`. QEMU:
- * `bdrv_co_common_block_status_above` with want_zero (as `bdrv_block_status_above`): layers that
- * are not ALLOCATED defer to the next; a layer shorter than the range reads as ZERO|ALLOCATED.
+ * `bdrv_co_common_block_status_above` with want_zero (as `bdrv_block_status_above`): `base == bs`
+ * is 0 with pnum = bytes (no query); layers that are not ALLOCATED defer to the next, which
+ * answers (map and file its own) for at most the bytes the layers above deferred; a layer shorter
+ * than the range reads as ZERO|ALLOCATED with file = that layer. EOF only where the top layer ends.
  */
 export function* bdrv_co_block_status_above(
   bs: BlockDriverState,
@@ -149,43 +168,43 @@ export function* bdrv_co_block_status_above(
   bytes: number,
   out: BlockStatusOut,
 ): CoroutineFn<number> {
+  if (bs === base) {
+    out.pnum = bytes;
+    return 0;
+  }
   let ret = yield* bdrv_co_block_status(bs, true, offset, bytes, out);
-  if (ret < 0 || out.pnum === 0 || ret & BDRV_BLOCK_ALLOCATED || bs === base) return ret;
-  let first_pnum = out.pnum;
-  let p = bs.backing?.bs ?? null;
-  while (p && p !== base) {
-    const o: BlockStatusOut = { pnum: 0, map: 0, file: null };
-    ret = yield* bdrv_co_block_status(p, true, offset, first_pnum, o);
+  if (ret < 0 || out.pnum === 0 || ret & BDRV_BLOCK_ALLOCATED) return ret;
+  const eof = ret & BDRV_BLOCK_EOF ? offset + out.pnum : 0;
+  bytes = out.pnum;
+  for (let p = bs.backing?.bs ?? null; p !== base && p; p = p.backing?.bs ?? null) {
+    ret = yield* bdrv_co_block_status(p, true, offset, bytes, out);
     if (ret < 0) return ret;
-    if (o.pnum === 0) {
-      // This layer ends before offset: reads as zero.
-      out.pnum = first_pnum;
-      out.map = 0;
-      out.file = null;
-      return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+    if (out.pnum === 0) {
+      // This layer ends before offset: synthesized zeroes count as allocated here.
+      out.pnum = bytes;
+      out.file = p;
+      ret = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+      break;
     }
     if (ret & BDRV_BLOCK_ALLOCATED) {
-      out.pnum = o.pnum;
-      out.map = o.map;
-      out.file = o.file;
-      return ret;
+      ret &= ~BDRV_BLOCK_EOF;
+      break;
     }
-    first_pnum = Math.min(first_pnum, o.pnum);
-    p = p.backing?.bs ?? null;
+    bytes = out.pnum;
   }
-  out.pnum = first_pnum;
+  if (offset + out.pnum === eof) ret |= BDRV_BLOCK_EOF;
   return ret;
 }
 
 /**
  * Whether `[offset, offset + bytes)` is allocated in `bs` itself: 1 or 0 (or -errno), with
- * `out.pnum` the length with that answer. QEMU: `bdrv_co_is_allocated` (want_zero false).
- * Surprise: pnum reaching EOF with nothing is reported as pnum = bytes (QEMU's clamp).
+ * `out.pnum` the length with that answer (0 at or past EOF). QEMU: `bdrv_co_is_allocated`
+ * (want_zero false).
  */
 export function* bdrv_co_is_allocated(bs: BlockDriverState, offset: number, bytes: number, out: { pnum: number }): CoroutineFn<number> {
   const o: BlockStatusOut = { pnum: 0, map: 0, file: null };
   const ret = yield* bdrv_co_block_status(bs, false, offset, bytes, o);
   if (ret < 0) return ret;
-  out.pnum = o.pnum === 0 && ret & BDRV_BLOCK_EOF ? bytes : o.pnum;
+  out.pnum = o.pnum;
   return ret & BDRV_BLOCK_ALLOCATED ? 1 : 0;
 }

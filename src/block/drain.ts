@@ -8,7 +8,7 @@ import { AIO_WAIT_WHILE, aio_wait_kick } from '../aio/aio-wait.ts';
 import { aio_disable_external, aio_enable_external } from '../aio/fd-handler.ts';
 import { QemuError } from '../aio/error.ts';
 import { qemu_in_coroutine } from '../coroutine/coroutine.ts';
-import { bdrv_all_states, type BlockDriverState } from './block-driver-state.ts';
+import { bdrv_all_states, BlockDriverState } from './block-driver-state.ts';
 
 /** Counts a request on `bs`. QEMU: `bdrv_inc_in_flight`. */
 export function bdrv_inc_in_flight(bs: BlockDriverState): void {
@@ -95,7 +95,10 @@ export function bdrv_drain(bs: BlockDriverState): void {
 
 let drain_all_count = 0;
 
-/** Drains every node. QEMU: `bdrv_drain_all_begin`. Nodes opened afterwards are not quiesced. */
+/**
+ * Drains every node. QEMU: `bdrv_drain_all_begin`. A node opened before the matching
+ * `bdrv_drain_all_end` is quiesced too (see `bdrv_drain_all_new_node`).
+ */
 export function bdrv_drain_all_begin(): void {
   assertNotCoroutine('bdrv_drain_all_begin');
   drain_all_count++;
@@ -111,37 +114,47 @@ export function bdrv_drain_all_end(): void {
   for (const bs of bdrv_all_states()) if (bs.quiesce_counter > 0) bdrv_do_drained_end_no_poll(bs);
 }
 
+/**
+ * @internal A node that joins the graph begins one drained section per active
+ * `bdrv_drain_all_begin` (QEMU: the loop in `bdrv_new`). Nothing can be in flight on it yet, so
+ * this only quiesces.
+ */
+export function bdrv_drain_all_new_node(bs: BlockDriverState): void {
+  for (let i = 0; i < drain_all_count; i++) bdrv_do_drained_begin_quiesce(bs);
+}
+
+/**
+ * @internal A node that leaves the graph ends the drained sections it is still in, since
+ * `bdrv_drain_all_end` will not see it. QEMU: `bdrv_drain_all_end_quiesce` (from `bdrv_close`).
+ */
+export function bdrv_drain_all_end_quiesce(bs: BlockDriverState): void {
+  while (bs.quiesce_counter > 0) bdrv_do_drained_end_no_poll(bs);
+}
+
 /** Drains every node once. QEMU: `bdrv_drain_all`. */
 export function bdrv_drain_all(): void {
   bdrv_drain_all_begin();
   bdrv_drain_all_end();
 }
 
+/** The connected graph of `bs`: its children and its BDS parents, transitively. */
 function collect(bs: BlockDriverState, out: Set<BlockDriverState>): void {
   if (out.has(bs)) return;
   out.add(bs);
   for (const c of bs.children) collect(c.bs, out);
+  for (const p of bs.parents) if (p.opaque instanceof BlockDriverState) collect(p.opaque, out);
 }
 
 /**
- * Moves `bs` and all its children (and BlockBackend parents, through their child class) to
- * `ctx`, draining first so no request is in flight during the move. QEMU:
- * `bdrv_try_change_aio_context` (7.2). Calls the drivers' `bdrv_detach_aio_context` /
- * `bdrv_attach_aio_context`. Returns 0. Surprise: a BDS parent in another context is not moved
- * (QEMU would move the whole connected graph); it throws QemuError instead.
+ * Moves `bs` and the whole graph connected to it (children and BDS parents, transitively; and
+ * BlockBackend parents, through their child class) to `ctx`, draining first so no request is in
+ * flight during the move. QEMU: `bdrv_try_change_aio_context` (7.2). Calls the drivers'
+ * `bdrv_detach_aio_context` / `bdrv_attach_aio_context`. Returns 0.
  */
 export function bdrv_try_change_aio_context(bs: BlockDriverState, ctx: AioContext): number {
   if (bs.aio_context === ctx) return 0;
   const nodes = new Set<BlockDriverState>();
   collect(bs, nodes);
-  for (const n of nodes) {
-    for (const p of n.parents) {
-      const parent = p.opaque as BlockDriverState | null;
-      if (p.klass.set_aio_ctx === undefined && parent !== null && !nodes.has(parent) && parent.aio_context !== ctx) {
-        throw new QemuError(`Cannot change iothread of active block backend`);
-      }
-    }
-  }
   const list = [...nodes];
   for (const n of list) bdrv_drained_begin(n);
   try {

@@ -4,7 +4,7 @@
  * fallbacks, write-zeroes emulation, flush generations, discard and truncate. Every request is
  * counted in `bs.in_flight` and tracked (see tracked-request.ts).
  */
-import { EBUSY, EINVAL, EIO, ENOMEDIUM, ENOTSUP, EPERM } from '../aio/errno.ts';
+import { EBUSY, EINVAL, EIO, ENOMEDIUM, ENOTSUP, EPERM, strerror } from '../aio/errno.ts';
 import { QemuError } from '../aio/error.ts';
 import { aio_co_wake } from '../aio/co-schedule.ts';
 import type { BlockAIOCB } from '../aio/aiocb.ts';
@@ -38,6 +38,7 @@ import {
   type PreallocMode,
 } from './block-common.ts';
 import {
+  bdrv_bsc_invalidate_range,
   bdrv_getlength,
   bdrv_is_inserted,
   refresh_total_sectors,
@@ -55,15 +56,34 @@ import {
 } from './tracked-request.ts';
 
 /**
+ * Why a request's range is invalid, as QEMU's `bdrv_check_qiov_request` words it through errp, or
+ * null when it is valid: negative values, a request beyond BDRV_MAX_LENGTH, or a qiov too small.
+ * (A value that is not a safe integer cannot occur in C's int64 and is refused first.)
+ */
+export function bdrv_check_request_error(offset: number, bytes: number, qiov: QEMUIOVector | null = null, qiov_offset = 0): string | null {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes)) return `invalid request: offset(${offset}) bytes(${bytes})`;
+  if (offset < 0) return `offset is negative: ${offset}`;
+  if (bytes < 0) return `bytes is negative: ${bytes}`;
+  if (bytes > BDRV_MAX_LENGTH) return `bytes(${bytes}) exceeds maximum(${BDRV_MAX_LENGTH})`;
+  if (offset > BDRV_MAX_LENGTH) return `offset(${offset}) exceeds maximum(${BDRV_MAX_LENGTH})`;
+  if (offset > BDRV_MAX_LENGTH - bytes) {
+    return `sum of offset(${offset}) and bytes(${bytes}) exceeds maximum(${BDRV_MAX_LENGTH})`;
+  }
+  if (!qiov) return null;
+  if (qiov_offset > qiov.size) return `qiov_offset(${qiov_offset}) overflow io vector size(${qiov.size})`;
+  if (bytes > qiov.size - qiov_offset) {
+    return `bytes(${bytes}) + qiov_offset(${qiov_offset}) overflow io vector size(${qiov.size})`;
+  }
+  return null;
+}
+
+/**
  * Range check of a request: -EIO for negative values, a request beyond BDRV_MAX_LENGTH, or a
- * qiov too small. QEMU: `bdrv_check_qiov_request` / `bdrv_check_request`.
+ * qiov too small (see `bdrv_check_request_error` for the message). QEMU: `bdrv_check_qiov_request`
+ * / `bdrv_check_request`.
  */
 export function bdrv_check_request(offset: number, bytes: number, qiov: QEMUIOVector | null = null, qiov_offset = 0): number {
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes)) return -EIO;
-  if (offset < 0 || bytes < 0) return -EIO;
-  if (bytes > BDRV_MAX_LENGTH || offset > BDRV_MAX_LENGTH - bytes) return -EIO;
-  if (qiov && (qiov_offset > qiov.size || bytes > qiov.size - qiov_offset)) return -EIO;
-  return 0;
+  return bdrv_check_request_error(offset, bytes, qiov, qiov_offset) === null ? 0 : -EIO;
 }
 
 /** As `bdrv_check_request`, plus `bytes <= BDRV_REQUEST_MAX_BYTES`. QEMU: `bdrv_check_request32`. */
@@ -353,7 +373,7 @@ export function* bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: number, 
   if (!drv) return -ENOMEDIUM;
   if ((flags & ~bs.supported_zero_flags) & BDRV_REQ_NO_FALLBACK) return -ENOTSUP;
   if (flags & BDRV_REQ_REGISTERED_BUF) return -EINVAL;
-  bs.bsc = null;
+  bdrv_bsc_invalidate_range(bs, offset, bytes);
   const alignment = Math.max(bs.bl.pwrite_zeroes_alignment, bs.bl.request_alignment);
   const max_write_zeroes = ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_pwrite_zeroes, Number.MAX_SAFE_INTEGER), alignment);
   const max_transfer = MIN_NON_ZERO(bs.bl.max_transfer, MAX_BOUNCE_BUFFER);
@@ -418,16 +438,18 @@ function* bdrv_co_write_req_prepare(bs: BlockDriverState, req: BdrvTrackedReques
   return 0;
 }
 
-/** After a write: write_gen++, extend the length, invalidate caches. QEMU: `bdrv_co_write_req_finish`. */
+/**
+ * After a write: write_gen++, extend the length; only write requests move wr_highest_offset.
+ * QEMU: `bdrv_co_write_req_finish`.
+ */
 function bdrv_co_write_req_finish(bs: BlockDriverState, offset: number, bytes: number, req: BdrvTrackedRequest, ret: number): void {
   const end = offset + bytes;
   const end_sector = Math.ceil(end / BDRV_SECTOR_SIZE);
   bs.write_gen++;
-  bs.bsc = null;
   if (ret === 0 && (req.type === 'truncate' || end_sector > bs.total_sectors) && req.type !== 'discard') {
     bs.total_sectors = end_sector;
   }
-  if (req.bytes && req.type !== 'discard') bs.wr_highest_offset = Math.max(bs.wr_highest_offset, end);
+  if (req.bytes && req.type === 'write') bs.wr_highest_offset = Math.max(bs.wr_highest_offset, end);
 }
 
 /**
@@ -636,7 +658,7 @@ export function* bdrv_co_pdiscard(child: BdrvChild | null, offset: number, bytes
   if (!(bs.open_flags & BDRV_O_UNMAP)) return 0;
   const drv = bs.drv!;
   if (!drv.bdrv_co_pdiscard && !drv.bdrv_aio_pdiscard) return 0;
-  bs.bsc = null;
+  bdrv_bsc_invalidate_range(bs, offset, bytes);
   const align = Math.max(bs.bl.pdiscard_alignment, bs.bl.request_alignment);
   let head = offset % align;
   let tail = (offset + bytes) % align;
@@ -705,11 +727,10 @@ export function* bdrv_co_truncate(
   const drv = bs.drv;
   if (!drv) throw new QemuError('No medium inserted');
   if (offset < 0) throw new QemuError('Image size cannot be negative');
-  if (bdrv_check_request(offset, 0) < 0) {
-    throw new QemuError(`Required too big image size, it must be not greater than ${BDRV_MAX_LENGTH}`);
-  }
+  const chk = bdrv_check_request_error(offset, 0);
+  if (chk !== null) throw new QemuError(chk);
   const old_size = bdrv_getlength(bs);
-  if (old_size < 0) throw new QemuError('Failed to get old image size');
+  if (old_size < 0) throw new QemuError(`Failed to get old image size: ${strerror(-old_size)}`);
   if (bs.read_only) throw new QemuError('Image is read-only');
   const new_bytes = offset > old_size ? offset - old_size : 0;
   bdrv_inc_in_flight(bs);
@@ -717,10 +738,10 @@ export function* bdrv_co_truncate(
   try {
     if (new_bytes) yield* bdrv_make_request_serialising(req, 1);
     const r = yield* bdrv_co_write_req_prepare(bs, req, 0);
-    if (r < 0) throw new QemuError('Failed to prepare request for truncation');
+    if (r < 0) throw new QemuError(`Failed to prepare request for truncation: ${strerror(-r)}`);
     if (new_bytes && bs.backing) {
       const backing_len = bdrv_getlength(bs.backing.bs);
-      if (backing_len < 0) throw new QemuError('Could not get backing file size');
+      if (backing_len < 0) throw new QemuError(`Could not get backing file size: ${strerror(-backing_len)}`);
       if (backing_len > old_size) flags |= BDRV_REQ_ZERO_WRITE;
     }
     let ret: number;
@@ -733,10 +754,12 @@ export function* bdrv_co_truncate(
       throw new QemuError('Image format driver does not support resize');
     }
     if (ret < 0) return ret;
-    const rr = refresh_total_sectors(bs, Math.ceil(offset / BDRV_SECTOR_SIZE));
-    if (rr < 0) throw new QemuError('Could not refresh total sector count');
-    const len = bdrv_getlength(bs);
-    bdrv_co_write_req_finish(bs, len - new_bytes, new_bytes, req, 0);
+    // The hint is in whole sectors, rounded down (QEMU: offset >> BDRV_SECTOR_BITS).
+    const rr = refresh_total_sectors(bs, Math.floor(offset / BDRV_SECTOR_SIZE));
+    if (rr >= 0) offset = bs.total_sectors * BDRV_SECTOR_SIZE;
+    // Finished even when the refresh failed: the truncation itself happened.
+    bdrv_co_write_req_finish(bs, offset - new_bytes, new_bytes, req, 0);
+    if (rr < 0) throw new QemuError(`Could not refresh total sector count: ${strerror(-rr)}`);
     return 0;
   } finally {
     tracked_request_end(req);

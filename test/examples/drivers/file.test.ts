@@ -365,14 +365,16 @@ test('2.11 block status: DATA|OFFSET_VALID over the whole range, map = offset, f
   const bs = bsOf(blk);
   const ctx = qemu_get_aio_context();
   const out: BlockStatusOut = { pnum: 0, map: 0, file: null };
-  assert.equal(runCo(ctx, () => bdrv_co_block_status(bs, true, 100, 5000, out)), {
-    value: BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_ALLOCATED,
-  });
-  assert.equal(out, { pnum: 5000, map: 100, file: bs });
+  // The want_zero=false query comes first: a want_zero DATA answer fills the node's
+  // block-status cache (QEMU 7.2), which would then answer [4096, ...) only up to 5100.
   assert.equal(runCo(ctx, () => bdrv_co_block_status(bs, false, 4096, 10000, out)), {
     value: BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_ALLOCATED | BDRV_BLOCK_EOF,
   });
   assert.equal(out, { pnum: 4096, map: 4096, file: bs });
+  assert.equal(runCo(ctx, () => bdrv_co_block_status(bs, true, 100, 5000, out)), {
+    value: BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_ALLOCATED,
+  });
+  assert.equal(out, { pnum: 5000, map: 100, file: bs });
   blk_unref(blk);
 });
 
