@@ -171,91 +171,21 @@ function prepareFiles(log: (s: string) => void): { rfile: string; wfile: string 
 // How busy the rest of the machine was (as bench/thread-pool.ts): CPU time of all
 // processes minus this process's and its waited-for children's. Linux only.
 
-interface CpuSnapshot {
-  all: number;
-  own: number;
-  at: number;
-}
+import {
+  cpuSnapshot,
+  otherCpus,
+  rate,
+  makeRandom as makeRandomIn,
+  sampleBlocking as sampleBlockingFor,
+  sampleAsync as sampleAsyncFor,
+  type CpuSnapshot,
+  type Rate,
+  type Sampler,
+} from './sampling.ts';
 
-function cpuSnapshot(): CpuSnapshot | null {
-  try {
-    const cpu = (fs.readFileSync('/proc/stat', 'utf8').split('\n')[0] as string).trim().split(/\s+/).slice(1).map(Number);
-    const all = cpu.slice(0, 8).reduce((a, v, i) => (i === 3 || i === 4 ? a : a + v), 0);
-    const self = fs.readFileSync('/proc/self/stat', 'utf8');
-    const f = self.slice(self.lastIndexOf(')') + 2).split(' ').map(Number);
-    const own = (f[11] as number) + (f[12] as number) + (f[13] as number) + (f[14] as number);
-    return { all, own, at: performance.now() };
-  } catch {
-    return null;
-  }
-}
-
-function otherCpus(a: CpuSnapshot | null, b: CpuSnapshot | null): number | null {
-  if (a === null || b === null || b.at <= a.at) return null;
-  const ticks = b.all - a.all - (b.own - a.own);
-  return Math.max(0, (ticks * 10) / (b.at - a.at));
-}
-
-// ---------------------------------------------------------------------------------------
-// Measurement.
-
-interface Rate {
-  id: string;
-  label: string;
-  slices: number[];
-  median: number;
-  /** Live pool workers at the end (aioco figures). */
-  workers?: number;
-  note?: string;
-}
-
-function rate(id: string, label: string, slices: number[], extra: Partial<Rate> = {}): Rate {
-  return { id, label, slices, median: median(slices), ...extra };
-}
-
-function makeRandom(seed: number): () => number {
-  let x = seed | 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % BLOCKS;
-  };
-}
-
-interface Sampler {
-  count: number;
-}
-
-function sampleBlocking(st: Sampler, warmMs: number, step: () => void): number[] {
-  let end = performance.now() + warmMs;
-  while (performance.now() < end) step();
-  const out: number[] = [];
-  for (let s = 0; s < SLICES; s++) {
-    const c0 = st.count;
-    const t0 = performance.now();
-    end = t0 + SLICE_MS;
-    let t = t0;
-    while (t < end) {
-      step();
-      t = performance.now();
-    }
-    out.push(((st.count - c0) * 1000) / (t - t0));
-  }
-  return out;
-}
-
-async function sampleAsync(st: Sampler, warmMs: number): Promise<number[]> {
-  await new Promise((r) => setTimeout(r, warmMs));
-  const out: number[] = [];
-  for (let s = 0; s < SLICES; s++) {
-    const c0 = st.count;
-    const t0 = performance.now();
-    await new Promise((r) => setTimeout(r, SLICE_MS));
-    out.push(((st.count - c0) * 1000) / (performance.now() - t0));
-  }
-  return out;
-}
+const makeRandom = (seed: number) => makeRandomIn(seed, BLOCKS);
+const sampleBlocking = (st: Sampler, warmMs: number, step: () => void) => sampleBlockingFor(st, warmMs, step, SLICES, SLICE_MS);
+const sampleAsync = (st: Sampler, warmMs: number) => sampleAsyncFor(st, warmMs, SLICES, SLICE_MS);
 
 // ---------------------------------------------------------------------------------------
 // aioco: a pipeline of `depth` blk_aio_preadv/pwritev requests on random 4 KiB blocks.
