@@ -36,7 +36,7 @@ import * as fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import {
   BDRV_O_RDWR,
   QEMUIOVector,
@@ -58,100 +58,37 @@ import '../examples/drivers/file.ts';
 import '../examples/drivers/raw.ts';
 import '../examples/drivers/null.ts';
 import { formatTable, median } from './harness.ts';
+import {
+  BLOCK,
+  BLOCKS,
+  DEPTH,
+  FILE_SIZE,
+  blockByte,
+  createFile,
+  dataDir,
+  envNumber,
+  fail,
+  readFileLooksRight,
+  readFilePath,
+  warmPageCache,
+} from './data-file.ts';
 
-const FILE_SIZE = 1 << 30;
-const BLOCK = 4096;
-const BLOCKS = FILE_SIZE / BLOCK;
-const DEPTH = 32;
 /** qemu-img bench's step, in blocks (prime: a permutation of the 2^18 blocks). */
 const QEMU_STEP_BLOCKS = 104729;
 /** Byte aioco and qemu-img write. */
 const WRITE_BYTE = 0x5a;
 
-function envNumber(name: string, dflt: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return dflt;
-  const x = Number(v);
-  if (!Number.isFinite(x) || x <= 0) throw new Error(`bench: ${name} must be a positive number`);
-  return x;
-}
-
 const SLICES = Math.round(envNumber('BENCH_BLOCK_SLICES', 3));
 const SLICE_MS = envNumber('BENCH_BLOCK_SLICE_MS', 700);
 const WARM_MS = 300;
-
-function fail(what: string): never {
-  throw new Error(`bench: ${what}`);
-}
-
-// ---------------------------------------------------------------------------------------
-// The data files.
-
-function blockByte(block: number): number {
-  return (block % 251) + 1;
-}
-
-function dataDir(): string {
-  return path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '.bench-data');
-}
-
-function readFilePath(): string {
-  return process.env.BENCH_TP_FILE ?? path.join(dataDir(), 'thread-pool-1g.bin');
-}
 
 function writeFilePath(): string {
   return process.env.BENCH_BLOCK_WFILE ?? path.join(dataDir(), 'block-write-1g.bin');
 }
 
-/** Whether `file` is the thread-pool benchmark's patterned file (spot checks). */
-function readFileLooksRight(file: string): boolean {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch {
-    return false;
-  }
-  try {
-    if (fs.fstatSync(fd).size !== FILE_SIZE) return false;
-    const b = Buffer.alloc(BLOCK);
-    for (const blk of [0, 1, 12345, BLOCKS - 1]) {
-      fs.readSync(fd, b, 0, BLOCK, blk * BLOCK);
-      if (b[0] !== blockByte(blk) || b[BLOCK - 1] !== blockByte(blk)) return false;
-    }
-    return true;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Creates a 1 GiB file (atomically, by rename), every block written (no holes). */
-function createFile(file: string, patterned: boolean, log: (s: string) => void): void {
-  log(`creating ${file} (1 GiB)`);
-  fs.mkdirSync(path.dirname(file), { recursive: true });
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
-  const chunk = Buffer.alloc(8 << 20, WRITE_BYTE);
-  const perChunk = chunk.length / BLOCK;
-  for (let c = 0; c < FILE_SIZE / chunk.length; c++) {
-    if (patterned) {
-      for (let i = 0; i < perChunk; i++) chunk.fill(blockByte(c * perChunk + i), i * BLOCK, (i + 1) * BLOCK);
-    }
-    fs.writeSync(fd, chunk, 0, chunk.length, c * chunk.length);
-  }
-  fs.closeSync(fd);
-  fs.renameSync(tmp, file);
-}
-
-function warmPageCache(file: string): void {
-  const fd = fs.openSync(file, 'r');
-  const b = Buffer.allocUnsafe(8 << 20);
-  for (let pos = 0; pos < FILE_SIZE; pos += b.length) fs.readSync(fd, b, 0, b.length, pos);
-  fs.closeSync(fd);
-}
-
 function prepareFiles(log: (s: string) => void): { rfile: string; wfile: string } {
   const rfile = readFilePath();
-  if (!readFileLooksRight(rfile)) createFile(rfile, true, log);
+  if (!readFileLooksRight(rfile)) createFile(rfile, null, log);
   const wfile = writeFilePath();
   let ok = false;
   try {
@@ -159,7 +96,7 @@ function prepareFiles(log: (s: string) => void): { rfile: string; wfile: string 
   } catch {
     ok = false;
   }
-  if (!ok) createFile(wfile, false, log);
+  if (!ok) createFile(wfile, WRITE_BYTE, log);
   const t0 = performance.now();
   warmPageCache(rfile);
   warmPageCache(wfile);

@@ -23,7 +23,7 @@ import * as fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import {
   aio_get_thread_pool,
@@ -40,84 +40,31 @@ import {
 } from '../src/index.ts';
 import { threadPoolWorkerCount } from '../src/aio/thread-pool.ts';
 import { formatTable, median } from './harness.ts';
-
-const FILE_SIZE = 1 << 30;
-const BLOCK = 4096;
-const BLOCKS = FILE_SIZE / BLOCK;
-const DEPTH = 32;
-
-function envNumber(name: string, dflt: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return dflt;
-  const x = Number(v);
-  if (!Number.isFinite(x) || x <= 0) throw new Error(`bench: ${name} must be a positive number`);
-  return x;
-}
+import {
+  BLOCK,
+  BLOCKS,
+  blockByte,
+  DEPTH,
+  FILE_SIZE,
+  createFile,
+  envNumber,
+  fail,
+  readFileLooksRight,
+  readFilePath,
+  warmPageCache,
+} from './data-file.ts';
 
 const SLICES = Math.round(envNumber('BENCH_TP_SLICES', 3));
 const SLICE_MS = envNumber('BENCH_TP_SLICE_MS', 1000);
 const WARM_MS = 1000;
 const SHORT_WARM_MS = 300;
 
-function fail(what: string): never {
-  throw new Error(`bench: ${what}`);
-}
-
-// ---------------------------------------------------------------------------------------
-// The data file: every 4 KiB block filled with one non-zero byte derived from its index,
-// so each read can be checked cheaply (last byte of the buffer).
-
-function blockByte(block: number): number {
-  return (block % 251) + 1;
-}
-
-function dataFilePath(): string {
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  return process.env.BENCH_TP_FILE ?? path.join(here, '..', '.bench-data', 'thread-pool-1g.bin');
-}
-
-function fileLooksRight(file: string): boolean {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch {
-    return false;
-  }
-  try {
-    if (fs.fstatSync(fd).size !== FILE_SIZE) return false;
-    const b = Buffer.alloc(BLOCK);
-    for (const blk of [0, 1, 12345, BLOCKS - 1]) {
-      fs.readSync(fd, b, 0, BLOCK, blk * BLOCK);
-      if (b[0] !== blockByte(blk) || b[BLOCK - 1] !== blockByte(blk)) return false;
-    }
-    return true;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Creates the file once (atomically, by rename) and reads it through to warm the page cache. */
+/** Creates the file once and reads it through to warm the page cache. */
 function prepareDataFile(log: (s: string) => void): string {
-  const file = dataFilePath();
-  if (!fileLooksRight(file)) {
-    log(`creating ${file} (1 GiB)`);
-    fs.mkdirSync(path.dirname(file), { recursive: true });
-    const tmp = `${file}.${process.pid}.tmp`;
-    const fd = fs.openSync(tmp, 'w');
-    const chunk = Buffer.alloc(8 << 20);
-    const perChunk = chunk.length / BLOCK;
-    for (let c = 0; c < FILE_SIZE / chunk.length; c++) {
-      for (let i = 0; i < perChunk; i++) chunk.fill(blockByte(c * perChunk + i), i * BLOCK, (i + 1) * BLOCK);
-      fs.writeSync(fd, chunk, 0, chunk.length, c * chunk.length);
-    }
-    fs.closeSync(fd);
-    fs.renameSync(tmp, file);
-  }
+  const file = readFilePath();
+  if (!readFileLooksRight(file)) createFile(file, null, log);
   const t0 = performance.now();
-  const fd = fs.openSync(file, 'r');
-  const b = Buffer.allocUnsafe(8 << 20);
-  for (let pos = 0; pos < FILE_SIZE; pos += b.length) fs.readSync(fd, b, 0, b.length, pos);
-  fs.closeSync(fd);
+  warmPageCache(file);
   log(`page cache warmed (${((performance.now() - t0) / 1000).toFixed(2)} s for 1 GiB)`);
   return file;
 }
