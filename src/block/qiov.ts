@@ -161,8 +161,26 @@ function transferLength(
   return n;
 }
 
-function toBuf(fn: string, iov: Uint8Array[], cnt: number, offset: number, buf: Uint8Array, bytes: number): number {
-  const n = transferLength(fn, iov, cnt, offset, bytes, buf.length);
+const TO_BUF = 0;
+const FROM_BUF = 1;
+const MEMSET = 2;
+
+/**
+ * The one walk behind to_buf, from_buf and memset: visits the bytes [offset, offset + n)
+ * of the vector element by element and copies to `buf`, from `buf`, or fills with
+ * `fillc` (`mode`). Returns n, the bytes handled.
+ */
+function walkIov(
+  fn: string,
+  iov: Uint8Array[],
+  cnt: number,
+  offset: number,
+  bytes: number,
+  mode: number,
+  buf: Uint8Array | null,
+  fillc: number,
+): number {
+  const n = transferLength(fn, iov, cnt, offset, bytes, buf === null ? -1 : buf.length);
   let done = 0;
   let off = offset;
   for (let i = 0; done < n; i++) {
@@ -173,49 +191,25 @@ function toBuf(fn: string, iov: Uint8Array[], cnt: number, offset: number, buf: 
       continue;
     }
     const c = Math.min(len - off, n - done);
-    buf.set(view(v, off, off + c), done);
+    if (mode === TO_BUF) (buf as Uint8Array).set(view(v, off, off + c), done);
+    else if (mode === FROM_BUF) v.set(view(buf as Uint8Array, done, done + c), off);
+    else v.fill(fillc, off, off + c);
     done += c;
     off = 0;
   }
   return done;
+}
+
+function toBuf(fn: string, iov: Uint8Array[], cnt: number, offset: number, buf: Uint8Array, bytes: number): number {
+  return walkIov(fn, iov, cnt, offset, bytes, TO_BUF, buf, 0);
 }
 
 function fromBuf(fn: string, iov: Uint8Array[], cnt: number, offset: number, buf: Uint8Array, bytes: number): number {
-  const n = transferLength(fn, iov, cnt, offset, bytes, buf.length);
-  let done = 0;
-  let off = offset;
-  for (let i = 0; done < n; i++) {
-    const v = iov[i]!;
-    const len = v.length;
-    if (off >= len) {
-      off -= len;
-      continue;
-    }
-    const c = Math.min(len - off, n - done);
-    v.set(view(buf, done, done + c), off);
-    done += c;
-    off = 0;
-  }
-  return done;
+  return walkIov(fn, iov, cnt, offset, bytes, FROM_BUF, buf, 0);
 }
 
 function memsetIov(fn: string, iov: Uint8Array[], cnt: number, offset: number, fillc: number, bytes: number): number {
-  const n = transferLength(fn, iov, cnt, offset, bytes, -1);
-  let done = 0;
-  let off = offset;
-  for (let i = 0; done < n; i++) {
-    const v = iov[i]!;
-    const len = v.length;
-    if (off >= len) {
-      off -= len;
-      continue;
-    }
-    const c = Math.min(len - off, n - done);
-    v.fill(fillc, off, off + c);
-    done += c;
-    off = 0;
-  }
-  return done;
+  return walkIov(fn, iov, cnt, offset, bytes, MEMSET, null, fillc);
 }
 
 // Result of sliceCore, reused (never escapes).
