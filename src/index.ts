@@ -326,3 +326,4 @@ export {
   aio_task_pool_empty,
 } from './block/aio-task.ts';
 export type { AioTask, AioTaskFunc } from './block/aio-task.ts';
+export { qemu_strtosz, qemu_opt_get_size } from './block/qemu-opts.ts';

@@ -57,6 +57,7 @@ import {
   type BlockStatusOut,
   type CoroutineFn,
   type QEMUIOVector,
+  qemu_strtosz,
 } from '../../src/index.ts';
 
 /** QEMU 7.2's `BlkdebugEvent` names, in QAPI order. */
@@ -205,28 +206,6 @@ function strtou64(value: string): bigint | 'einval' | 'erange' {
   return m[1] === '-' ? BigInt.asUintN(64, -v) : v;
 }
 
-const SIZE_SUFFIXES: Record<string, number> = { B: 0, K: 10, M: 20, G: 30, T: 40, P: 50, E: 60 };
-
-/** `qemu_strtosz`: a non-negative number with an optional binary suffix (k, M, G, T, P, E). */
-function strtosz(value: string): bigint | 'einval' | 'erange' {
-  const hex = /^[ \t\n\v\f\r]*(0[xX][0-9a-fA-F]+)$/.exec(value);
-  if (hex) {
-    const v = BigInt(hex[1]!);
-    return v > 0xffffffffffffffffn ? 'erange' : v;
-  }
-  const m = /^[ \t\n\v\f\r]*([0-9]+)(\.[0-9]*)?[ \t]*([bBkKmMgGtTpPeE]?)$/.exec(value);
-  if (!m) return 'einval';
-  const shift = BigInt(SIZE_SUFFIXES[(m[3] || 'B').toUpperCase()]!);
-  const whole = BigInt(m[1]!) << shift;
-  let v = whole;
-  if (m[2] && m[2].length > 1) {
-    if (shift === 0n) return 'einval';
-    const frac = Number('0' + m[2]);
-    v += BigInt(Math.floor(frac * 2 ** Number(shift)));
-  }
-  return v > 0xffffffffffffffffn ? 'erange' : v;
-}
-
 /** QEMU's textual form of a QDict value when absorbed into QemuOpts (null: not a scalar). */
 function qobject_to_opt_string(v: unknown): string | null {
   return match(v)
@@ -254,7 +233,7 @@ function opt_parse(name: string, type: OptType, value: string): string | number 
       return Number(BigInt.asIntN(64, n));
     })
     .with('size', () => {
-      const n = strtosz(value);
+      const n = qemu_strtosz(value);
       if (n === 'erange') throw new QemuError(`Value '${value}' is out of range for parameter '${name}'`);
       if (n === 'einval') throw new QemuError(`Parameter '${name}' expects a non-negative number below 2^64`);
       return Number(n);

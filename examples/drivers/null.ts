@@ -38,6 +38,7 @@ import {
   type CoroutineFn,
   type QEMUIOVector,
   type QEMUTimer,
+  qemu_opt_get_size,
 } from '../../src/index.ts';
 
 /** Per-node state (QEMU's BDRVNullState). */
@@ -51,27 +52,6 @@ export interface BDRVNullState {
 export const NULL_OPT_LATENCY = 'latency-ns';
 export const NULL_OPT_ZEROES = 'read-zeroes';
 const NULL_OPT_SIZE = 'size';
-
-const SIZE_SUFFIX: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
-
-/**
- * Parses a QEMU_OPT_SIZE value: a number, or a string of digits with an optional k/M/G/T/P
- * suffix (powers of 1024). Throws QemuError "Parameter 'x' expects a non-negative number below 2^64".
- */
-function opt_get_size(options: Record<string, unknown>, name: string, def: number): number {
-  const v = options[name];
-  if (v === undefined || v === null) return def;
-  const bad = () => new QemuError(`Parameter '${name}' expects a non-negative number below 2^64`);
-  if (typeof v === 'number') {
-    if (!Number.isSafeInteger(v) || v < 0) throw bad();
-    return v;
-  }
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)\s*$/i.exec(String(v));
-  if (!m) throw bad();
-  const n = Number(m[1]) * SIZE_SUFFIX[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(n)) throw bad();
-  return n;
-}
 
 /** Parses a QEMU_OPT_NUMBER value (an integer, negative allowed as QEMU's wrap-around). @internal */
 function opt_get_number(options: Record<string, unknown>, name: string, def: number): number {
@@ -99,7 +79,7 @@ function null_parse_filename(proto: string): (filename: string, options: Record<
 }
 
 function null_file_open(bs: BlockDriverState, options: Record<string, unknown>): void {
-  const length = opt_get_size(options, NULL_OPT_SIZE, 1 << 30);
+  const length = qemu_opt_get_size(options, NULL_OPT_SIZE, 1 << 30);
   const latency_ns = opt_get_number(options, NULL_OPT_LATENCY, 0);
   const read_zeroes = opt_get_bool(options, NULL_OPT_ZEROES, false);
   if (latency_ns < 0) throw new QemuError('latency-ns is invalid');

@@ -50,6 +50,7 @@ import {
   type BlockStatusOut,
   type CoroutineFn,
   type PreallocMode,
+  qemu_opt_get_size,
 } from '../../src/index.ts';
 
 /** Per-node state (QEMU's BDRVRawState). */
@@ -62,22 +63,9 @@ export interface BDRVRawState {
 /** Bytes of the first sector guarded on probed images (QEMU: BLOCK_PROBE_BUF_SIZE). */
 const BLOCK_PROBE_BUF_SIZE = 512;
 
-const SIZE_SUFFIX: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
-
-/** A QEMU_OPT_SIZE option: number or digits with a k/M/G/T/P suffix; undefined when absent. */
+/** A size option, undefined when absent. */
 function opt_get_size(options: Record<string, unknown>, name: string): number | undefined {
-  const v = options[name];
-  if (v === undefined || v === null) return undefined;
-  const bad = () => new QemuError(`Parameter '${name}' expects a non-negative number below 2^64`);
-  if (typeof v === 'number') {
-    if (!Number.isSafeInteger(v) || v < 0) throw bad();
-    return v;
-  }
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)\s*$/i.exec(String(v));
-  if (!m) throw bad();
-  const n = Number(m[1]) * SIZE_SUFFIX[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(n)) throw bad();
-  return n;
+  return options[name] === undefined || options[name] === null ? undefined : qemu_opt_get_size(options, name, 0);
 }
 
 /**
