@@ -89,12 +89,20 @@ function num(io: IoSink, arg: string): number | null {
 }
 
 /** Runs a coroutine_fn to completion from outside any coroutine, waiting only for it. */
+interface CoRun<T> {
+  body: () => CoroutineFn<T>;
+  done: boolean;
+  v?: T;
+}
+
+function* runCoEntry<T>(st: CoRun<T>): CoroutineFn<void> {
+  st.v = yield* st.body();
+  st.done = true;
+}
+
 function runCo<T>(blk: BlockBackend, body: () => CoroutineFn<T>): T {
-  const st: { done: boolean; v?: T } = { done: false };
-  const co = qemu_coroutine_create(function* () {
-    st.v = yield* body();
-    st.done = true;
-  }, undefined, 'qemu-io');
+  const st: CoRun<T> = { body, done: false };
+  const co = qemu_coroutine_create(runCoEntry<T>, st, 'qemu-io');
   const ctx = blk_get_aio_context(blk);
   aio_co_enter(ctx, co);
   AIO_WAIT_WHILE(ctx, () => !st.done);

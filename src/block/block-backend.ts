@@ -381,12 +381,20 @@ export function blk_aio_pdiscard(blk: BlockBackend, offset: number, bytes: numbe
   return blk_aio_prwv(blk, offset, bytes, null, blk_aio_pdiscard_entry, 0, cb, opaque);
 }
 
+interface SyncRun {
+  body: () => CoroutineFn<number>;
+  ret: number;
+}
+
+/** The coroutine of a synchronous wrapper: module-level, not a closure made per call (~5 µs). */
+function* blk_run_sync_entry(st: SyncRun): CoroutineFn<void> {
+  st.ret = yield* st.body();
+}
+
 function blk_run_sync(blk: BlockBackend, fn: string, body: () => CoroutineFn<number>): number {
   if (qemu_in_coroutine()) throw new QemuError(`${fn}: called from a coroutine; use the blk_co_* function (aioco cannot block inside a coroutine)`);
-  const st = { ret: NOT_DONE };
-  const co = qemu_coroutine_create(function* () {
-    st.ret = yield* body();
-  }, undefined, fn);
+  const st: SyncRun = { body, ret: NOT_DONE };
+  const co = qemu_coroutine_create(blk_run_sync_entry, st, fn);
   const ctx = blk_get_aio_context(blk);
   aio_co_enter(ctx, co);
   AIO_WAIT_WHILE(ctx, () => st.ret === NOT_DONE);
