@@ -152,7 +152,7 @@ export type { IOThreadOptions } from './aio/iothread.ts';
 export { coAwait, coRun, coroutineOperation, useAioContext, useIOThread } from './aio/bridge.ts';
 
 // Errors
-export { QemuError, AioWaitError } from './aio/error.ts';
+export { QemuError, AioWaitError, error_set_progname, error_get_progname, error_report, warn_report } from './aio/error.ts';
 export * from './aio/errno.ts';
 
 // Thread pool and AIOCBs
@@ -224,7 +224,7 @@ export type { QEMUIOVectorSlice, IOVCursor } from './block/qiov.ts';
 // Block layer core (QEMU 7.2 block.c, block/io.c, block/block-backend.c)
 export * from './block/block-common.ts';
 export { bdrv_register, bdrv_unregister, bdrv_find_format, bdrv_find_protocol, bdrv_drivers, path_has_protocol } from './block/block-driver.ts';
-export type { BlockDriver, BlockStatusOut, QemuOptDesc } from './block/block-driver.ts';
+export type { BlockDriver, BlockStatusOut, QemuOptDesc, BdrvCheckResult, BlockDriverInfo, ImageInfoSpecific, QEMUSnapshotInfo } from './block/block-driver.ts';
 export {
   BDRV_CHILD_DATA,
   BDRV_CHILD_METADATA,
@@ -246,6 +246,9 @@ export {
   bdrv_refresh_limits,
   bdrv_open,
   bdrv_open_child,
+  bdrv_open_file_child,
+  bdrv_primary_child,
+  bdrv_primary_bs,
   bdrv_all_states,
   raw_probe_warning,
   refresh_total_sectors,
@@ -269,6 +272,11 @@ export {
   bdrv_check_request,
   bdrv_check_request32,
   bdrv_debug_event,
+  bdrv_co_debug_event,
+  bdrv_debug_breakpoint,
+  bdrv_debug_remove_breakpoint,
+  bdrv_debug_resume,
+  bdrv_debug_is_suspended,
   bdrv_co_preadv_part,
   bdrv_co_preadv,
   bdrv_co_pread,
@@ -326,4 +334,37 @@ export {
   aio_task_pool_empty,
 } from './block/aio-task.ts';
 export type { AioTask, AioTaskFunc } from './block/aio-task.ts';
-export { qemu_strtosz, qemu_opt_get_size } from './block/qemu-opts.ts';
+export {
+  qemu_strtosz,
+  qemu_opt_get_size,
+  QemuOpts,
+  qemu_opts_create,
+  qemu_opts_append,
+  qemu_opt_set,
+  qemu_opt_set_number,
+  qemu_opt_set_bool,
+  qemu_opt_find,
+  qemu_opt_get,
+  qemu_opt_get_del,
+  qemu_opt_unset,
+  qemu_opt_get_size_del,
+  qemu_opt_get_number_del,
+  qemu_opt_get_bool_del,
+  qemu_opt_get_bool,
+  qemu_opt_get_number,
+  qemu_opts_do_parse,
+  qemu_opts_print,
+} from './block/qemu-opts.ts';
+export type { QemuOptsList, QemuOpt } from './block/qemu-opts.ts';
+export { bdrv_poll_co, bdrv_pread, bdrv_pwrite, bdrv_pwrite_sync, bdrv_co_pwrite_sync, bdrv_pwrite_zeroes, bdrv_flush } from './block/co-wrapper.ts';
+export { path_combine, bdrv_dirname, bdrv_get_full_backing_filename, bdrv_open_backing_file } from './block/backing.ts';
+export { bdrv_co_create, bdrv_create, bdrv_co_create_file } from './block/create.ts';
+export { bdrv_co_check, bdrv_check, bdrv_check_result_new } from './block/check.ts';
+export {
+  bdrv_get_info,
+  bdrv_get_specific_info,
+  bdrv_get_allocated_file_size,
+  bdrv_image_info_specific_dump,
+  bdrv_snapshot_list,
+  block_driver_info_new,
+} from './block/block-info.ts';

@@ -27,14 +27,22 @@ export class QEMUBH {
   /** @internal */ opaque: unknown;
   /** @internal */ flags = 0;
   /** @internal link in the context's bh_list or a slice. */ next: QEMUBH | null = null;
-  /** For the leak message (QEMU >= 6.1 names BHs after their callback). */
-  name: string;
+  /** @internal the name given; else `name` asks the callback when read (a oneshot BH per request must not pay for it). */
+  _name: string | undefined;
 
   constructor(ctx: AioContext, cb: QEMUBHFunc, opaque: unknown, name?: string) {
     this.ctx = ctx;
     this.cb = cb;
     this.opaque = opaque;
-    this.name = name ?? (cb.name || 'anonymous');
+    this._name = name;
+  }
+
+  /** For the leak message (QEMU >= 6.1 names BHs after their callback). */
+  get name(): string {
+    return this._name ?? (this.cb.name || 'anonymous');
+  }
+  set name(v: string) {
+    this._name = v;
   }
 }
 

@@ -10,7 +10,7 @@ import { aio_co_enter } from '../aio/co-schedule.ts';
 import { EIO, ENOMEDIUM } from '../aio/errno.ts';
 import { QemuError } from '../aio/error.ts';
 import { BlockAIOCB, qemu_aio_get, qemu_aio_unref, type AIOCBInfo, type BlockCompletionFunc } from '../aio/aiocb.ts';
-import { qemu_coroutine_create, qemu_in_coroutine, type CoroutineFn } from '../coroutine/coroutine.ts';
+import { qemu_coroutine_create, qemu_in_coroutine, type CoroutineEntry, type CoroutineFn } from '../coroutine/coroutine.ts';
 import { CoQueue, qemu_co_enter_next, qemu_co_queue_wait } from '../coroutine/co-queue.ts';
 import { QEMUIOVector, qemu_iovec_init_buf } from './qiov.ts';
 import { BDRV_O_RDWR, BDRV_REQ_FUA, BDRV_REQ_ZERO_WRITE } from './block-common.ts';
@@ -167,6 +167,7 @@ export function blk_check_byte_request(blk: BlockBackend, offset: number, bytes:
   return 0;
 }
 
+/** Callers check `blk.quiesce_counter` first: a generator per request only to find it 0 costs. */
 function* blk_wait_while_drained(blk: BlockBackend): CoroutineFn<void> {
   if (blk.quiesce_counter && !blk.disable_request_queuing) {
     blk_dec_in_flight(blk);
@@ -175,43 +176,77 @@ function* blk_wait_while_drained(blk: BlockBackend): CoroutineFn<void> {
   }
 }
 
-/** To be called between blk_inc/dec_in_flight. QEMU: `blk_co_do_preadv_part`. */
-function* blk_co_do_preadv_part(blk: BlockBackend, offset: number, bytes: number, qiov: QEMUIOVector, qiov_offset: number, flags: number): CoroutineFn<number> {
-  yield* blk_wait_while_drained(blk);
-  const ret = blk_check_byte_request(blk, offset, bytes);
-  if (ret < 0) return ret;
-  const bs = blk_bs(blk)!;
-  bdrv_inc_in_flight(bs);
-  try {
-    return yield* bdrv_co_preadv_part(blk.root!, offset, bytes, qiov, qiov_offset, flags);
-  } finally {
-    bdrv_dec_in_flight(bs);
+/**
+ * To be called between blk_inc/dec_in_flight. QEMU: `blk_co_do_preadv_part`. With `acb` it also
+ * ends that blk_aio request (QEMU's `blk_aio_read_entry`: sets its ret, then
+ * `blk_aio_complete`): the coroutine of blk_aio_preadv is this generator itself, one less per
+ * request on the hottest path.
+ */
+function* blk_co_do_preadv_part(
+  blk: BlockBackend,
+  offset: number,
+  bytes: number,
+  qiov: QEMUIOVector,
+  qiov_offset: number,
+  flags: number,
+  acb: BlkAioEmAIOCB | null = null,
+): CoroutineFn<number> {
+  if (blk.quiesce_counter) yield* blk_wait_while_drained(blk);
+  let ret = blk_check_byte_request(blk, offset, bytes);
+  if (ret === 0) {
+    const bs = blk_bs(blk)!;
+    bdrv_inc_in_flight(bs);
+    try {
+      ret = yield* bdrv_co_preadv_part(blk.root!, offset, bytes, qiov, qiov_offset, flags);
+    } finally {
+      bdrv_dec_in_flight(bs);
+    }
   }
+  if (acb !== null) {
+    acb.ret = ret;
+    blk_aio_complete(acb);
+  }
+  return ret;
 }
 
-function* blk_co_do_pwritev_part(blk: BlockBackend, offset: number, bytes: number, qiov: QEMUIOVector | null, qiov_offset: number, flags: number): CoroutineFn<number> {
-  yield* blk_wait_while_drained(blk);
-  const ret = blk_check_byte_request(blk, offset, bytes);
-  if (ret < 0) return ret;
-  const bs = blk_bs(blk)!;
-  bdrv_inc_in_flight(bs);
-  try {
-    if (!blk.enable_write_cache) flags |= BDRV_REQ_FUA;
-    return yield* bdrv_co_pwritev_part(blk.root!, offset, bytes, qiov, qiov_offset, flags);
-  } finally {
-    bdrv_dec_in_flight(bs);
+/** As blk_co_do_preadv_part, for writes (QEMU: `blk_co_do_pwritev_part`, `blk_aio_write_entry`). */
+function* blk_co_do_pwritev_part(
+  blk: BlockBackend,
+  offset: number,
+  bytes: number,
+  qiov: QEMUIOVector | null,
+  qiov_offset: number,
+  flags: number,
+  acb: BlkAioEmAIOCB | null = null,
+): CoroutineFn<number> {
+  if (blk.quiesce_counter) yield* blk_wait_while_drained(blk);
+  let ret = blk_check_byte_request(blk, offset, bytes);
+  if (ret === 0) {
+    const bs = blk_bs(blk)!;
+    bdrv_inc_in_flight(bs);
+    try {
+      if (!blk.enable_write_cache) flags |= BDRV_REQ_FUA;
+      ret = yield* bdrv_co_pwritev_part(blk.root!, offset, bytes, qiov, qiov_offset, flags);
+    } finally {
+      bdrv_dec_in_flight(bs);
+    }
   }
+  if (acb !== null) {
+    acb.ret = ret;
+    blk_aio_complete(acb);
+  }
+  return ret;
 }
 
 function* blk_co_do_pdiscard(blk: BlockBackend, offset: number, bytes: number): CoroutineFn<number> {
-  yield* blk_wait_while_drained(blk);
+  if (blk.quiesce_counter) yield* blk_wait_while_drained(blk);
   const ret = blk_check_byte_request(blk, offset, bytes);
   if (ret < 0) return ret;
   return yield* bdrv_co_pdiscard(blk.root, offset, bytes);
 }
 
 function* blk_co_do_flush(blk: BlockBackend): CoroutineFn<number> {
-  yield* blk_wait_while_drained(blk);
+  if (blk.quiesce_counter) yield* blk_wait_while_drained(blk);
   const bs = blk_bs(blk);
   if (!bs || !bs.drv) return -ENOMEDIUM;
   return yield* bdrv_co_flush(bs);
@@ -313,7 +348,7 @@ function blk_aio_prwv(
   offset: number,
   bytes: number,
   iobuf: QEMUIOVector | null,
-  co_entry: (acb: BlkAioEmAIOCB) => CoroutineFn<void>,
+  co_entry: (acb: BlkAioEmAIOCB) => CoroutineFn<unknown>,
   flags: number,
   cb: BlockCompletionFunc,
   opaque: unknown,
@@ -327,20 +362,21 @@ function blk_aio_prwv(
   acb.flags = flags;
   acb.ret = NOT_DONE;
   acb.has_returned = false;
-  const co = qemu_coroutine_create(co_entry, acb, 'blk_aio');
+  // The entries' generators return the request's result; a coroutine's return value is dropped.
+  const co = qemu_coroutine_create(co_entry as CoroutineEntry<BlkAioEmAIOCB>, acb, 'blk_aio');
   aio_co_enter(blk_get_aio_context(blk), co);
   acb.has_returned = true;
   if (acb.ret !== NOT_DONE) aio_bh_schedule_oneshot(blk_get_aio_context(blk), blk_aio_complete, acb);
   return acb;
 }
 
-function* blk_aio_read_entry(acb: BlkAioEmAIOCB): CoroutineFn<void> {
-  acb.ret = yield* blk_co_do_preadv_part(acb.blk, acb.offset, acb.bytes, acb.iobuf!, 0, acb.flags);
-  blk_aio_complete(acb);
+// The coroutines of blk_aio_preadv/pwritev: the blk_co_do_* generators themselves, which end
+// the request (their number result is dropped, as a coroutine's is).
+function blk_aio_read_entry(acb: BlkAioEmAIOCB): CoroutineFn<unknown> {
+  return blk_co_do_preadv_part(acb.blk, acb.offset, acb.bytes, acb.iobuf!, 0, acb.flags, acb);
 }
-function* blk_aio_write_entry(acb: BlkAioEmAIOCB): CoroutineFn<void> {
-  acb.ret = yield* blk_co_do_pwritev_part(acb.blk, acb.offset, acb.bytes, acb.iobuf, 0, acb.flags);
-  blk_aio_complete(acb);
+function blk_aio_write_entry(acb: BlkAioEmAIOCB): CoroutineFn<unknown> {
+  return blk_co_do_pwritev_part(acb.blk, acb.offset, acb.bytes, acb.iobuf, 0, acb.flags, acb);
 }
 function* blk_aio_flush_entry(acb: BlkAioEmAIOCB): CoroutineFn<void> {
   acb.ret = yield* blk_co_do_flush(acb.blk);

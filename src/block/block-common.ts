@@ -142,3 +142,8 @@ export function ALIGN_UP(n: number, m: number): number {
   const r = n % m;
   return r === 0 ? n : n + (m - r);
 }
+
+/** `bdrv_co_check` mode: repair leaked clusters. QEMU: `BDRV_FIX_LEAKS`. */
+export const BDRV_FIX_LEAKS = 1;
+/** `bdrv_co_check` mode: repair refcount errors (corruptions). QEMU: `BDRV_FIX_ERRORS`. */
+export const BDRV_FIX_ERRORS = 2;

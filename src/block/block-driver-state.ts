@@ -3,6 +3,7 @@
  * (`bdrv_open`, `bdrv_open_child`, `bdrv_unref`), lengths (`bdrv_getlength`) and limits
  * (`bdrv_refresh_limits`). QEMU: block.c, block/io.c (limits), include/block/block_int-common.h.
  */
+import { bdrv_extract_backing_options, bdrv_open_backing_file } from './backing.ts';
 import type { AioContext } from '../aio/aio-context.ts';
 import { qemu_get_aio_context } from '../aio/aio-context.ts';
 import { AIO_WAIT_WHILE } from '../aio/aio-wait.ts';
@@ -16,6 +17,7 @@ import type { BlockDriver } from './block-driver.ts';
 import { bdrv_find_format, bdrv_find_protocol, bdrv_drivers, path_has_protocol } from './block-driver.ts';
 import {
   BDRV_MAX_ALIGNMENT,
+  BDRV_O_NO_BACKING,
   BDRV_O_NO_FLUSH,
   BDRV_O_NOCACHE,
   BDRV_O_PROTOCOL,
@@ -26,7 +28,7 @@ import {
   MIN_NON_ZERO,
   type BlockLimits,
 } from './block-common.ts';
-import type { BdrvTrackedRequest } from './tracked-request.ts';
+import { BdrvTrackedRequestList } from './tracked-request.ts';
 import { bdrv_co_preadv } from './io.ts';
 import {
   bdrv_do_drained_begin_quiesce,
@@ -42,8 +44,8 @@ export const BDRV_CHILD_METADATA = 1 << 1;
 export const BDRV_CHILD_FILTERED = 1 << 2;
 export const BDRV_CHILD_COW = 1 << 3;
 export const BDRV_CHILD_PRIMARY = 1 << 4;
-/** Role of a format's `file` child. */
-export const BDRV_CHILD_IMAGE = BDRV_CHILD_DATA | BDRV_CHILD_METADATA;
+/** Role of a format's `file` child: data, metadata, and the primary child (so it becomes `bs.file`). */
+export const BDRV_CHILD_IMAGE = BDRV_CHILD_DATA | BDRV_CHILD_METADATA | BDRV_CHILD_PRIMARY;
 
 /**
  * Callbacks a child's parent gives the block layer (QEMU's `BdrvChildClass`, the drain part).
@@ -101,7 +103,7 @@ export class BlockDriverState {
   total_sectors = 0;
   in_flight = 0;
   quiesce_counter = 0;
-  /** @internal */ tracked_requests = new Set<BdrvTrackedRequest>();
+  /** @internal */ tracked_requests = new BdrvTrackedRequestList();
   serialising_in_flight = 0;
   write_gen = 0;
   flushed_gen = 0;
@@ -119,6 +121,10 @@ export class BlockDriverState {
   copy_on_read = 0;
   /** Highest offset written (QEMU's wr_highest_offset). */
   wr_highest_offset = 0;
+  /** The backing file name as the image stores it (QEMU: `bs->backing_file`), '' if none. */
+  backing_file = '';
+  /** The backing format the image stores (QEMU: `bs->backing_format`), '' if none. */
+  backing_format = '';
   /** Block-status cache: last DATA region of a protocol node [offset, end). @internal */
   bsc: { offset: number; end: number } | null = null;
 
@@ -192,16 +198,61 @@ export function bdrv_unref(bs: BlockDriverState | null): void {
   if (named_nodes.get(bs.node_name) === bs) named_nodes.delete(bs.node_name);
 }
 
+function attach_assert(cond: boolean, what: string): void {
+  if (!cond) throw new QemuError(`bdrv_child_cb_attach: Assertion '${what}' failed`);
+}
+
+/** Which of `file`/`backing` a new child with `role` fills, checked before anything changes. */
+function bdrv_child_slot(parent: BlockDriverState, role: number): 'file' | 'backing' | null {
+  const drv = parent.drv;
+  if (drv?.is_filter || role & BDRV_CHILD_FILTERED) {
+    // Filters (and raw acting as one) have one PRIMARY child, which is also the FILTERED one.
+    attach_assert(!(role & BDRV_CHILD_COW), '!(child->role & BDRV_CHILD_COW)');
+    if (!(role & BDRV_CHILD_PRIMARY)) {
+      attach_assert(!(role & BDRV_CHILD_FILTERED), '!(child->role & BDRV_CHILD_FILTERED)');
+      return null;
+    }
+    attach_assert((role & BDRV_CHILD_FILTERED) !== 0, 'child->role & BDRV_CHILD_FILTERED');
+    attach_assert(parent.backing === null, '!bs->backing');
+    attach_assert(parent.file === null, '!bs->file');
+    return drv?.filtered_child_is_backing ? 'backing' : 'file';
+  }
+  if (role & BDRV_CHILD_COW) {
+    attach_assert(drv?.supports_backing === true, 'bs->drv->supports_backing');
+    attach_assert(!(role & BDRV_CHILD_PRIMARY), '!(child->role & BDRV_CHILD_PRIMARY)');
+    attach_assert(parent.backing === null, '!bs->backing');
+    return 'backing';
+  }
+  if (role & BDRV_CHILD_PRIMARY) {
+    attach_assert(parent.file === null, '!bs->file');
+    return 'file';
+  }
+  return null;
+}
+
 /**
  * Attaches `child_bs` to `parent` as child `name` (taking over the caller's reference).
- * QEMU: `bdrv_attach_child`. `file` and `backing` also set `parent.file`/`parent.backing`.
+ * QEMU: `bdrv_attach_child` with `bdrv_child_cb_attach`'s rule for `file` and `backing`: the
+ * role decides, not the name. A PRIMARY child becomes `parent.file` (blkdebug's `image` too),
+ * or `parent.backing` for a filter with `filtered_child_is_backing`; a COW child becomes
+ * `parent.backing`. Surprise: a child named 'file' without the PRIMARY role is not `parent.file`.
+ * Throws QemuError "bdrv_child_cb_attach: Assertion '...' failed" where QEMU asserts (a second
+ * primary child, a COW child of a filter or of a format without `supports_backing`...).
  */
 export function bdrv_attach_child(parent: BlockDriverState, child_bs: BlockDriverState, name: string, role: number): BdrvChild {
+  let slot: 'file' | 'backing' | null;
+  try {
+    slot = bdrv_child_slot(parent, role);
+  } catch (e) {
+    // As on QEMU's failure path: the reference handed over is dropped.
+    bdrv_unref(child_bs);
+    throw e;
+  }
   const c = new BdrvChild(child_bs, name, role, parent, bdsChildClass);
   parent.children.push(c);
   child_bs.parents.push(c);
-  if (name === 'file') parent.file = c;
-  if (name === 'backing') parent.backing = c;
+  if (slot === 'file') parent.file = c;
+  else if (slot === 'backing') parent.backing = c;
   // A drained child keeps its new parent quiesced too (QEMU: bdrv_replace_child_noperm).
   if (child_bs.quiesce_counter > 0) {
     c.quiesced_parent = true;
@@ -483,6 +534,50 @@ export function bdrv_open_child(
 }
 
 /**
+ * Opens the primary child of `parent` (named `bdref_key`: 'file' for most drivers, 'image' for
+ * blkdebug), which becomes `parent.file`. QEMU: `bdrv_open_file_child`. The role is
+ * FILTERED|PRIMARY for a filter, BDRV_CHILD_IMAGE otherwise; the child is mandatory
+ * (`A block device must be specified for "image"`). Returns 0 as QEMU does; failures throw
+ * QemuError. Surprise: a filter whose filtered child is `backing` (commit/mirror top) must not
+ * use it (QEMU asserts; aioco throws).
+ */
+export function bdrv_open_file_child(
+  filename: string | null,
+  options: Record<string, unknown>,
+  bdref_key: string,
+  parent: BlockDriverState,
+): number {
+  const drv = parent.drv;
+  if (drv?.filtered_child_is_backing) {
+    throw new QemuError("bdrv_open_file_child: Assertion '!parent->drv->filtered_child_is_backing' failed");
+  }
+  const role = drv?.is_filter ? BDRV_CHILD_FILTERED | BDRV_CHILD_PRIMARY : BDRV_CHILD_IMAGE;
+  bdrv_open_child(filename, options, bdref_key, parent, role, false);
+  return 0;
+}
+
+/**
+ * The child of `bs` with the PRIMARY role (a format's `file`, a filter's filtered child), or
+ * null (protocol nodes, quorum-like drivers). QEMU: `bdrv_primary_child`. Throws QemuError
+ * "bdrv_primary_child: Assertion '!found' failed" if two children claim the role.
+ */
+export function bdrv_primary_child(bs: BlockDriverState): BdrvChild | null {
+  let found: BdrvChild | null = null;
+  for (const c of bs.children) {
+    if (c.role & BDRV_CHILD_PRIMARY) {
+      if (found) throw new QemuError("bdrv_primary_child: Assertion '!found' failed");
+      found = c;
+    }
+  }
+  return found;
+}
+
+/** The node under `bs`'s primary child, or null. QEMU: `bdrv_primary_bs`. */
+export function bdrv_primary_bs(bs: BlockDriverState): BlockDriverState | null {
+  return bdrv_primary_child(bs)?.bs ?? null;
+}
+
+/**
  * The node called `device` (a BlockBackend name; aioco's backends have none) or `node_name`;
  * throws QemuError "Cannot find device='X' nor node-name='Y'" when there is none. QEMU:
  * `bdrv_lookup_bs`.
@@ -607,7 +702,19 @@ export function bdrv_open(filename: string | null, options: Record<string, unkno
       probed = true;
     }
     if (file_bs) options['file'] = file_bs;
+    // Every format node takes `backing`/`backing.*` (QEMU: bdrv_open_inherit): a driver without
+    // backing support refuses them there, and `backing: null` is BDRV_O_NO_BACKING for its open.
+    const backing = bdrv_extract_backing_options(options);
+    if (backing.reference === null) flags |= BDRV_O_NO_BACKING;
     const bs = bdrv_open_common(drv, filename, options, flags & ~BDRV_O_PROTOCOL, probed);
+    if (!(flags & BDRV_O_NO_BACKING)) {
+      try {
+        bdrv_open_backing_file(bs, backing.sub, backing.reference);
+      } catch (e) {
+        bdrv_unref(bs);
+        throw e;
+      }
+    }
     return bs;
   } finally {
     if (file_bs) bdrv_unref(file_bs);

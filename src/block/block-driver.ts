@@ -8,6 +8,7 @@ import { QemuError } from '../aio/error.ts';
 import type { CoroutineFn } from '../coroutine/coroutine.ts';
 import type { BlockDriverState } from './block-driver-state.ts';
 import type { PreallocMode } from './block-common.ts';
+import type { QemuOpts, QemuOptsList } from './qemu-opts.ts';
 import type { QEMUIOVector } from './qiov.ts';
 
 /** Out-object of `bdrv_co_block_status` (C's `*pnum`, `*map`, `**file`). */
@@ -17,12 +18,46 @@ export interface BlockStatusOut {
   file: BlockDriverState | null;
 }
 
-/** A description of one creation option (QemuOptDesc), for `create_opts`. */
-export interface QemuOptDesc {
+export type { QemuOptDesc } from './qemu-opts.ts';
+
+/** The counters of `bdrv_co_check` (QEMU: `BdrvCheckResult` with its `BlockFragInfo`). */
+export interface BdrvCheckResult {
+  corruptions: number;
+  leaks: number;
+  check_errors: number;
+  corruptions_fixed: number;
+  leaks_fixed: number;
+  image_end_offset: number;
+  bfi: { total_clusters: number; allocated_clusters: number; fragmented_clusters: number; compressed_clusters: number };
+}
+
+/** What `bdrv_get_info` reports (QEMU 7.2: `BlockDriverInfo`). */
+export interface BlockDriverInfo {
+  cluster_size: number;
+  vm_state_offset: number;
+  is_dirty: boolean;
+  needs_compressed_writes: boolean;
+}
+
+/**
+ * A driver's format-specific information (QEMU: the `ImageInfoSpecific` QAPI union). `data` uses
+ * QAPI member names (`refcount-bits`); its key order is the order qemu-img prints.
+ */
+export interface ImageInfoSpecific {
+  type: string;
+  data: Record<string, unknown>;
+}
+
+/** One internal snapshot as `bdrv_snapshot_list` reports it (QEMU: `QEMUSnapshotInfo`). */
+export interface QEMUSnapshotInfo {
+  id_str: string;
   name: string;
-  type: 'string' | 'bool' | 'number' | 'size';
-  help?: string;
-  def_value_str?: string;
+  vm_state_size: number;
+  date_sec: number;
+  date_nsec: number;
+  vm_clock_nsec: number;
+  /** -1 when the snapshot records no instruction count. */
+  icount: number;
 }
 
 /**
@@ -35,11 +70,14 @@ export interface BlockDriver {
   format_name: string;
   protocol_name?: string;
   is_filter?: boolean;
+  /** A filter whose filtered (primary) child is `backing`, not `file` (QEMU: commit/mirror top). */
+  filtered_child_is_backing?: boolean;
   is_format?: boolean;
   supports_backing?: boolean;
   has_variable_length?: boolean;
   bdrv_needs_filename?: boolean;
-  create_opts?: QemuOptDesc[];
+  /** Creation options (QEMU: `create_opts`); qemu-img merges the format's and the protocol's. */
+  create_opts?: QemuOptsList;
   /**
    * Option names the driver accepts (QEMU: its QemuOptsList `runtime_opts`). Options left in the
    * dictionary after open are refused with "Block protocol/format 'x' doesn't support the option 'y'".
@@ -125,8 +163,44 @@ export interface BlockDriver {
   bdrv_aio_flush?(bs: BlockDriverState, cb: BlockCompletionFunc, opaque: unknown): BlockAIOCB | null;
   bdrv_aio_pdiscard?(bs: BlockDriverState, offset: number, bytes: number, cb: BlockCompletionFunc, opaque: unknown): BlockAIOCB | null;
 
-  /** blkdebug's hook: `event` is a BlkdebugEvent name such as 'pwritev_rmw_head'. */
-  bdrv_debug_event?(bs: BlockDriverState, event: string): void;
+  /**
+   * Creates an image (QEMU: `bdrv_co_create_opts(drv, filename, opts, errp)`). Consumes the
+   * options it knows with `qemu_opt_get_*_del`; throws QemuError or returns -errno.
+   */
+  bdrv_co_create_opts?(drv: BlockDriver, filename: string, opts: QemuOpts): CoroutineFn<number>;
+  /** Checks (and with `fix`, repairs) the image. QEMU: `bdrv_co_check`. 0 or -errno. */
+  bdrv_co_check?(bs: BlockDriverState, result: BdrvCheckResult, fix: number): CoroutineFn<number>;
+  /** Fills `bdi`. QEMU 7.2: `bdrv_get_info` (not a coroutine in 7.2). 0 or -errno. */
+  bdrv_get_info?(bs: BlockDriverState, bdi: BlockDriverInfo): number;
+  /** Format-specific information, or null. QEMU: `bdrv_get_specific_info`; may throw QemuError. */
+  bdrv_get_specific_info?(bs: BlockDriverState): ImageInfoSpecific | null;
+  /** Bytes the node occupies on the host, or -errno. QEMU 7.2: `bdrv_get_allocated_file_size`. */
+  bdrv_get_allocated_file_size?(bs: BlockDriverState): number;
+  /** The internal snapshots, or -errno. QEMU: `bdrv_snapshot_list` (qemu-img info's snapshot table). */
+  bdrv_snapshot_list?(bs: BlockDriverState): QEMUSnapshotInfo[] | number;
+  /** Compressed write of whole clusters. QEMU: `bdrv_co_pwritev_compressed_part`. */
+  bdrv_co_pwritev_compressed_part?(bs: BlockDriverState, offset: number, bytes: number, qiov: QEMUIOVector, qiov_offset: number): CoroutineFn<number>;
+  bdrv_co_pwritev_compressed?(bs: BlockDriverState, offset: number, bytes: number, qiov: QEMUIOVector): CoroutineFn<number>;
+  /** Writes a new backing file name/format into the image header. QEMU: `bdrv_change_backing_file`. */
+  bdrv_change_backing_file?(bs: BlockDriverState, backing_file: string | null, backing_fmt: string | null): number;
+  /** Makes the image empty (all clusters unallocated). QEMU: `bdrv_make_empty`. */
+  bdrv_make_empty?(bs: BlockDriverState): CoroutineFn<number>;
+
+  /**
+   * blkdebug's hook for an event announced on this node (`event` is a BlkdebugEvent name such
+   * as 'pwritev_rmw_head'). A coroutine_fn so that it can suspend the request (a `suspend` rule):
+   * QEMU 7.2's `bdrv_debug_event` hook yields from a plain function, which a generator cannot,
+   * so aioco uses the shape QEMU 8.1 gave it (`bdrv_co_debug_event`). It yields only to suspend.
+   */
+  bdrv_co_debug_event?(bs: BlockDriverState, event: string): CoroutineFn<void>;
+  /** Adds a `suspend` rule for `event` tagged `tag`: 0, or -ENOENT for an unknown event. */
+  bdrv_debug_breakpoint?(bs: BlockDriverState, event: string, tag: string): number;
+  /** Removes the `suspend` rules tagged `tag` and resumes the requests suspended with it. 0 or -errno. */
+  bdrv_debug_remove_breakpoint?(bs: BlockDriverState, tag: string): number;
+  /** Resumes one request suspended with `tag`: 0, or -ENOENT when there is none. */
+  bdrv_debug_resume?(bs: BlockDriverState, tag: string): number;
+  /** Whether a request suspended with `tag` is waiting. */
+  bdrv_debug_is_suspended?(bs: BlockDriverState, tag: string): boolean;
 }
 
 const drivers: BlockDriver[] = [];

@@ -8,7 +8,7 @@ import { EBUSY, EINVAL, EIO, ENOMEDIUM, ENOTSUP, EPERM, strerror } from '../aio/
 import { QemuError } from '../aio/error.ts';
 import { aio_co_wake } from '../aio/co-schedule.ts';
 import type { BlockAIOCB } from '../aio/aiocb.ts';
-import { qemu_coroutine_self, qemu_coroutine_yield, type Coroutine, type CoroutineFn } from '../coroutine/coroutine.ts';
+import { qemu_coroutine_self, qemu_coroutine_yield, type Coroutine, type CoroutineFn, type CoroutineYield } from '../coroutine/coroutine.ts';
 import { qemu_co_queue_next, qemu_co_queue_wait } from '../coroutine/co-queue.ts';
 import {
   QEMUIOVector,
@@ -41,6 +41,8 @@ import {
   bdrv_bsc_invalidate_range,
   bdrv_getlength,
   bdrv_is_inserted,
+  bdrv_primary_bs,
+  bdrv_primary_child,
   refresh_total_sectors,
   type BdrvChild,
   type BlockDriverState,
@@ -93,9 +95,114 @@ export function bdrv_check_request32(offset: number, bytes: number, qiov: QEMUIO
   return bytes > BDRV_REQUEST_MAX_BYTES ? -EIO : 0;
 }
 
-/** Calls the driver's `bdrv_debug_event` hook (blkdebug). QEMU: `BLKDBG_EVENT`. */
+/**
+ * What `bdrv_co_debug_event` hands back when no driver listens: one finished coroutine_fn shared
+ * by every call, so announcing an event on an ordinary node allocates nothing.
+ */
+const DEBUG_EVENT_DONE: IteratorResult<CoroutineYield, void> = Object.freeze({ done: true, value: undefined });
+const NO_DEBUG_EVENT = {
+  next: () => DEBUG_EVENT_DONE,
+  return: () => DEBUG_EVENT_DONE,
+  throw(e?: unknown): never {
+    throw e;
+  },
+  [Symbol.iterator]() {
+    return this;
+  },
+} as unknown as CoroutineFn<void>;
+
+/**
+ * Announces blkdebug event `event` on `bs` (a BlkdebugEvent name such as 'write_aio'): a
+ * coroutine_fn, used as `yield* bdrv_co_debug_event(bs, event)`. QEMU: `bdrv_co_debug_event` /
+ * `BLKDBG_CO_EVENT` (8.1's name; in 7.2 `bdrv_debug_event`, whose hook yields from a plain
+ * function). The driver's `bdrv_co_debug_event` hook may suspend the calling request here (a
+ * blkdebug `suspend` rule, set with `bdrv_debug_breakpoint`) until `bdrv_debug_resume`.
+ * Surprise: the event goes to `bs` itself, not to a child; callers pass the child's node
+ * (raw: `bs.file.bs`). Without a hook (or for a null `bs`) it returns a shared finished
+ * coroutine_fn, so no generator is created; per-request paths still guard the call with
+ * `if (bs.drv?.bdrv_co_debug_event)`, since a yield* costs tens of ns even on that one.
+ */
+export function bdrv_co_debug_event(bs: BlockDriverState | null, event: string): CoroutineFn<void> {
+  const drv = bs?.drv;
+  if (!drv?.bdrv_co_debug_event) return NO_DEBUG_EVENT;
+  return drv.bdrv_co_debug_event(bs!, event);
+}
+
+/**
+ * The non-coroutine form of `bdrv_co_debug_event`, for code outside any coroutine (a driver's
+ * open: blkdebug's `none`). QEMU 7.2: `bdrv_debug_event` / `BLKDBG_EVENT`. The hook runs to its
+ * end at once. Surprise: it cannot suspend. Outside a coroutine a `suspend` rule throws
+ * CoroutineError `Co-routine is yielding to no one` (QEMU 7.2 aborts with that message, after
+ * blkdebug printed `Suspended request`); inside a coroutine it throws QemuError, since a plain
+ * function cannot yield on the caller's behalf: coroutine code must use `bdrv_co_debug_event`.
+ */
 export function bdrv_debug_event(bs: BlockDriverState | null, event: string): void {
-  bs?.drv?.bdrv_debug_event?.(bs, event);
+  const drv = bs?.drv;
+  if (!drv?.bdrv_co_debug_event) return;
+  const co = drv.bdrv_co_debug_event(bs!, event);
+  if (co.next().done) return;
+  // Unwind the hook (blkdebug forgets the request it recorded as suspended).
+  co.return(undefined);
+  throw new QemuError(`bdrv_debug_event: event '${event}' suspends the request; a coroutine must use yield* bdrv_co_debug_event`);
+}
+
+/** The first node from `bs` down the primary children whose driver has breakpoints. QEMU: `bdrv_find_debug_node`. */
+function bdrv_find_debug_node(bs: BlockDriverState | null): BlockDriverState | null {
+  while (bs && bs.drv && !bs.drv.bdrv_debug_breakpoint) bs = bdrv_primary_bs(bs);
+  if (bs && bs.drv?.bdrv_debug_breakpoint) {
+    if (!bs.drv.bdrv_debug_remove_breakpoint) {
+      throw new QemuError("bdrv_find_debug_node: Assertion 'bs->drv->bdrv_debug_remove_breakpoint' failed");
+    }
+    return bs;
+  }
+  return null;
+}
+
+/**
+ * Sets a breakpoint: the next request that announces `event` on the debug node below `bs`
+ * (found down the primary children: raw -> blkdebug) is suspended and tagged `tag`. QEMU:
+ * `bdrv_debug_breakpoint` (qemu-io's `break`). Returns 0, -ENOTSUP when no node below has
+ * breakpoints, or the driver's -errno (blkdebug: -ENOENT for an unknown event name).
+ * Surprise: a breakpoint fires once; it is gone once it has suspended a request.
+ */
+export function bdrv_debug_breakpoint(bs: BlockDriverState | null, event: string, tag: string): number {
+  const node = bdrv_find_debug_node(bs);
+  return node ? node.drv!.bdrv_debug_breakpoint!(node, event, tag) : -ENOTSUP;
+}
+
+/**
+ * Removes the breakpoints tagged `tag` and resumes every request suspended with it. QEMU:
+ * `bdrv_debug_remove_breakpoint` (qemu-io's `remove_break`). Returns 0, -ENOTSUP without a debug
+ * node, or the driver's -errno. Surprise (blkdebug, as 7.2): -ENOENT when no breakpoint was left
+ * to remove, even if suspended requests were resumed.
+ */
+export function bdrv_debug_remove_breakpoint(bs: BlockDriverState | null, tag: string): number {
+  const node = bdrv_find_debug_node(bs);
+  return node ? node.drv!.bdrv_debug_remove_breakpoint!(node, tag) : -ENOTSUP;
+}
+
+/**
+ * Resumes one request suspended with `tag` (blkdebug: the most recently suspended first). QEMU:
+ * `bdrv_debug_resume` (qemu-io's `resume`). The request runs inside this call until it yields
+ * again. Returns 0, -ENOTSUP when no node below `bs` has the hook, or the driver's -errno
+ * (blkdebug: -ENOENT when nothing is suspended with `tag`). Surprise: unlike the breakpoint
+ * functions, the walk also passes nodes without a driver.
+ */
+export function bdrv_debug_resume(bs: BlockDriverState | null, tag: string): number {
+  while (bs && (!bs.drv || !bs.drv.bdrv_debug_resume)) bs = bdrv_primary_bs(bs);
+  if (bs && bs.drv?.bdrv_debug_resume) return bs.drv.bdrv_debug_resume(bs, tag);
+  return -ENOTSUP;
+}
+
+/**
+ * Whether a request suspended with `tag` waits on the debug node below `bs`. QEMU:
+ * `bdrv_debug_is_suspended` (qemu-io's `wait_break` polls it). Surprise: false, not an error,
+ * when no node below has breakpoints.
+ */
+export function bdrv_debug_is_suspended(bs: BlockDriverState | null, tag: string): boolean {
+  while (bs && bs.drv && !bs.drv.bdrv_debug_is_suspended) bs = bdrv_primary_bs(bs);
+  if (bs && bs.drv?.bdrv_debug_is_suspended) return bs.drv.bdrv_debug_is_suspended(bs, tag);
+  return false;
 }
 
 interface CoroutineIOCompletion {
@@ -124,7 +231,23 @@ function* bdrv_co_io_em(submit: (cb: (opaque: CoroutineIOCompletion, ret: number
  * Calls the driver's read: `bdrv_co_preadv_part`, else `bdrv_co_preadv` (qiov sliced), else
  * `bdrv_aio_preadv` (a null AIOCB is -EIO). QEMU: `bdrv_driver_preadv`.
  */
-export function* bdrv_driver_preadv(
+export function bdrv_driver_preadv(
+  bs: BlockDriverState,
+  offset: number,
+  bytes: number,
+  qiov: QEMUIOVector,
+  qiov_offset: number,
+  flags: number,
+): CoroutineFn<number> {
+  // The driver's own coroutine_fn is handed back as it is when nothing needs doing around it:
+  // one generator less per request.
+  const drv = bs.drv;
+  if (drv?.bdrv_co_preadv_part) return drv.bdrv_co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags);
+  if (drv?.bdrv_co_preadv && qiov_offset === 0 && bytes === qiov.size) return drv.bdrv_co_preadv(bs, offset, bytes, qiov, flags);
+  return bdrv_driver_preadv_slow(bs, offset, bytes, qiov, qiov_offset, flags);
+}
+
+function* bdrv_driver_preadv_slow(
   bs: BlockDriverState,
   offset: number,
   bytes: number,
@@ -153,7 +276,26 @@ export function* bdrv_driver_preadv(
  * Surprise: FUA the driver lacks is stripped and emulated by `bdrv_co_flush(bs)` after a
  * successful write.
  */
-export function* bdrv_driver_pwritev(
+export function bdrv_driver_pwritev(
+  bs: BlockDriverState,
+  offset: number,
+  bytes: number,
+  qiov: QEMUIOVector,
+  qiov_offset: number,
+  flags: number,
+): CoroutineFn<number> {
+  // As bdrv_driver_preadv: without FUA to emulate, the driver's coroutine_fn is handed back.
+  const drv = bs.drv;
+  if (drv && !(flags & BDRV_REQ_FUA && !(bs.supported_write_flags & BDRV_REQ_FUA))) {
+    if (drv.bdrv_co_pwritev_part) return drv.bdrv_co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags & bs.supported_write_flags);
+    if (drv.bdrv_co_pwritev && qiov_offset === 0 && bytes === qiov.size) {
+      return drv.bdrv_co_pwritev(bs, offset, bytes, qiov, flags & bs.supported_write_flags);
+    }
+  }
+  return bdrv_driver_pwritev_slow(bs, offset, bytes, qiov, qiov_offset, flags);
+}
+
+function* bdrv_driver_pwritev_slow(
   bs: BlockDriverState,
   offset: number,
   bytes: number,
@@ -207,7 +349,8 @@ export function* bdrv_aligned_preadv(
 ): CoroutineFn<number> {
   const bs = child.bs;
   const max_transfer = ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_transfer, INT_MAX), align);
-  yield* bdrv_wait_serialising_requests(req);
+  // Checked here too: a generator made per request only to find nothing serialising costs.
+  if (req.bs.serialising_in_flight !== 0) yield* bdrv_wait_serialising_requests(req);
   const total_bytes = bdrv_getlength(bs);
   if (total_bytes < 0) return total_bytes;
   flags &= bs.supported_read_flags;
@@ -291,20 +434,20 @@ function* bdrv_padding_rmw_read(child: BdrvChild, req: BdrvTrackedRequest, pad: 
     const bytes = pad.merge_reads ? pad.buf_len : align;
     const q = new QEMUIOVector();
     qemu_iovec_init_buf(q, pad.buf, bytes);
-    if (pad.head) bdrv_debug_event(bs, 'pwritev_rmw_head');
-    if (pad.merge_reads && pad.tail) bdrv_debug_event(bs, 'pwritev_rmw_tail');
+    if (pad.head) yield* bdrv_co_debug_event(bs, 'pwritev_rmw_head');
+    if (pad.merge_reads && pad.tail) yield* bdrv_co_debug_event(bs, 'pwritev_rmw_tail');
     const ret = yield* bdrv_aligned_preadv(child, req, req.overlap_offset, bytes, align, q, 0, 0);
     if (ret < 0) return ret;
-    if (pad.head) bdrv_debug_event(bs, 'pwritev_rmw_after_head');
-    if (pad.merge_reads && pad.tail) bdrv_debug_event(bs, 'pwritev_rmw_after_tail');
+    if (pad.head) yield* bdrv_co_debug_event(bs, 'pwritev_rmw_after_head');
+    if (pad.merge_reads && pad.tail) yield* bdrv_co_debug_event(bs, 'pwritev_rmw_after_tail');
   }
   if (!pad.merge_reads && pad.tail) {
     const q = new QEMUIOVector();
     qemu_iovec_init_buf(q, pad.buf.subarray(pad.buf_len - align), align);
-    bdrv_debug_event(bs, 'pwritev_rmw_tail');
+    yield* bdrv_co_debug_event(bs, 'pwritev_rmw_tail');
     const ret = yield* bdrv_aligned_preadv(child, req, req.overlap_offset + req.overlap_bytes - align, align, align, q, 0, 0);
     if (ret < 0) return ret;
-    bdrv_debug_event(bs, 'pwritev_rmw_after_tail');
+    yield* bdrv_co_debug_event(bs, 'pwritev_rmw_after_tail');
   }
   if (zero_middle) pad.buf.fill(0, pad.head, pad.buf_len - pad.tail);
   return 0;
@@ -331,11 +474,15 @@ export function* bdrv_co_preadv_part(
   const align = bs.bl.request_alignment;
   if (bytes === 0 && offset % align !== 0) return 0;
   bdrv_inc_in_flight(bs);
-  const r = { qiov, qiov_offset, offset, bytes, flags };
-  bdrv_pad_request(bs, r);
-  const req = tracked_request_begin(bs, r.offset, r.bytes, 'read');
+  if (align !== 1 && (offset % align !== 0 || bytes % align !== 0)) {
+    // Only unaligned requests pay for the padding and the request copy it works on.
+    const r = { qiov, qiov_offset, offset, bytes, flags };
+    bdrv_pad_request(bs, r);
+    ({ qiov, qiov_offset, offset, bytes, flags } = r);
+  }
+  const req = tracked_request_begin(bs, offset, bytes, 'read');
   try {
-    return yield* bdrv_aligned_preadv(child, req, r.offset, r.bytes, align, r.qiov, r.qiov_offset, r.flags);
+    return yield* bdrv_aligned_preadv(child, req, offset, bytes, align, qiov, qiov_offset, flags);
   } finally {
     tracked_request_end(req);
     bdrv_dec_in_flight(bs);
@@ -415,7 +562,10 @@ export function* bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: number, 
   return ret;
 }
 
-/** Prepares a write: read-only ⇒ -EPERM; SERIALISING (+NO_WAIT ⇒ -EBUSY); waits. QEMU: `bdrv_co_write_req_prepare`. */
+/**
+ * Prepares a write: read-only ⇒ -EPERM; SERIALISING (+NO_WAIT ⇒ -EBUSY); waits. QEMU: `bdrv_co_write_req_prepare`.
+ * bdrv_aligned_pwritev does not call it when none of these apply: keep its test in step.
+ */
 function* bdrv_co_write_req_prepare(bs: BlockDriverState, req: BdrvTrackedRequest, flags: number): CoroutineFn<number> {
   if (bs.read_only) return -EPERM;
   if (flags & BDRV_REQ_SERIALISING) {
@@ -432,10 +582,34 @@ function* bdrv_co_write_req_prepare(bs: BlockDriverState, req: BdrvTrackedReques
       if (conflict) return -EBUSY;
     }
     yield* bdrv_make_request_serialising(req, bs.bl.request_alignment);
-  } else {
+  } else if (req.bs.serialising_in_flight !== 0) {
     yield* bdrv_wait_serialising_requests(req);
   }
   return 0;
+}
+
+/**
+ * Hands a compressed write to the driver. QEMU: `bdrv_driver_pwritev_compressed`. -ENOTSUP when
+ * the driver cannot compress; the driver itself decides which offsets it takes (qcow2: whole
+ * clusters only, -EINVAL otherwise).
+ */
+function* bdrv_driver_pwritev_compressed(
+  bs: BlockDriverState,
+  offset: number,
+  bytes: number,
+  qiov: QEMUIOVector,
+  qiov_offset: number,
+): CoroutineFn<number> {
+  const drv = bs.drv;
+  if (!drv) return -ENOMEDIUM;
+  if (drv.bdrv_co_pwritev_compressed_part) {
+    return yield* drv.bdrv_co_pwritev_compressed_part(bs, offset, bytes, qiov, qiov_offset);
+  }
+  if (!drv.bdrv_co_pwritev_compressed) return -ENOTSUP;
+  if (qiov_offset === 0 && qiov.size === bytes) return yield* drv.bdrv_co_pwritev_compressed(bs, offset, bytes, qiov);
+  const local = new QEMUIOVector();
+  qemu_iovec_init_slice(local, qiov, qiov_offset, bytes);
+  return yield* drv.bdrv_co_pwritev_compressed(bs, offset, bytes, local);
 }
 
 /**
@@ -470,18 +644,21 @@ export function* bdrv_aligned_pwritev(
   const drv = bs.drv;
   if (!drv) return -ENOMEDIUM;
   const max_transfer = ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_transfer, INT_MAX), align);
-  let ret = yield* bdrv_co_write_req_prepare(bs, req, flags);
+  // Skipped when it has nothing to refuse or wait for (most writes): no generator for them.
+  let ret = bs.read_only || flags & BDRV_REQ_SERIALISING || req.bs.serialising_in_flight !== 0 ? yield* bdrv_co_write_req_prepare(bs, req, flags) : 0;
   if (ret < 0) return ret;
+  // The events are guarded here, per write: even the shared finished coroutine_fn costs a
+  // yield* (tens of ns) when no driver listens, which is nearly always.
   if (flags & BDRV_REQ_ZERO_WRITE) {
-    bdrv_debug_event(bs, 'pwritev_zero');
+    if (drv.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs, 'pwritev_zero');
     ret = yield* bdrv_co_do_pwrite_zeroes(bs, offset, bytes, flags);
   } else if (flags & BDRV_REQ_WRITE_COMPRESSED) {
-    ret = -ENOTSUP;
+    ret = yield* bdrv_driver_pwritev_compressed(bs, offset, bytes, qiov!, qiov_offset);
   } else if (bytes <= max_transfer) {
-    bdrv_debug_event(bs, 'pwritev');
+    if (drv.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs, 'pwritev');
     ret = yield* bdrv_driver_pwritev(bs, offset, bytes, qiov!, qiov_offset, flags);
   } else {
-    bdrv_debug_event(bs, 'pwritev');
+    if (drv.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs, 'pwritev');
     let remaining = bytes;
     ret = 0;
     while (remaining > 0) {
@@ -494,7 +671,7 @@ export function* bdrv_aligned_pwritev(
       remaining -= num;
     }
   }
-  bdrv_debug_event(bs, 'pwritev_done');
+  if (bs.drv?.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs, 'pwritev_done');
   bdrv_co_write_req_finish(bs, offset, bytes, req, ret);
   return ret;
 }
@@ -560,10 +737,15 @@ export function* bdrv_co_pwritev_part(
   if (flags & BDRV_REQ_NO_FALLBACK && (offset % align !== 0 || bytes % align !== 0)) return -ENOTSUP;
   if (bytes === 0 && offset % align !== 0) return 0;
   let pad: BdrvRequestPadding | null = null;
-  const r = { qiov: qiov ?? new QEMUIOVector(), qiov_offset, offset, bytes, flags };
-  if (!(flags & BDRV_REQ_ZERO_WRITE)) pad = bdrv_pad_request(bs, r);
+  let q = qiov ?? new QEMUIOVector();
+  if (!(flags & BDRV_REQ_ZERO_WRITE) && align !== 1 && (offset % align !== 0 || bytes % align !== 0)) {
+    // Only unaligned requests pay for the padding and the request copy it works on.
+    const r = { qiov: q, qiov_offset, offset, bytes, flags };
+    pad = bdrv_pad_request(bs, r);
+    ({ qiov: q, qiov_offset, offset, bytes, flags } = r);
+  }
   bdrv_inc_in_flight(bs);
-  const req = tracked_request_begin(bs, r.offset, r.bytes, 'write');
+  const req = tracked_request_begin(bs, offset, bytes, 'write');
   try {
     if (flags & BDRV_REQ_ZERO_WRITE) return yield* bdrv_co_do_zero_pwritev(child, offset, bytes, flags, req);
     if (pad) {
@@ -571,7 +753,7 @@ export function* bdrv_co_pwritev_part(
       // As 7.2: the RMW read's result is not checked.
       yield* bdrv_padding_rmw_read(child, req, pad, false);
     }
-    return yield* bdrv_aligned_pwritev(child, req, r.offset, r.bytes, align, r.qiov, r.qiov_offset, r.flags);
+    return yield* bdrv_aligned_pwritev(child, req, offset, bytes, align, q, qiov_offset, flags);
   } finally {
     tracked_request_end(req);
     bdrv_dec_in_flight(bs);
@@ -613,10 +795,12 @@ export function* bdrv_co_flush(bs: BlockDriverState): CoroutineFn<number> {
       if (drv.bdrv_co_flush) {
         ret = yield* drv.bdrv_co_flush(bs);
       } else {
-        bdrv_debug_event(bs, 'flush_to_os');
+        // 7.2 announces the flush events on the primary child (raw -> blkdebug), not on bs.
+        const primary = bdrv_primary_child(bs);
+        if (primary?.bs.drv?.bdrv_co_debug_event) yield* bdrv_co_debug_event(primary.bs, 'flush_to_os');
         if (drv.bdrv_co_flush_to_os) ret = yield* drv.bdrv_co_flush_to_os(bs);
         if (ret >= 0 && !(bs.open_flags & BDRV_O_NO_FLUSH) && bs.flushed_gen !== current_gen) {
-          bdrv_debug_event(bs, 'flush_to_disk');
+          if (primary?.bs.drv?.bdrv_co_debug_event) yield* bdrv_co_debug_event(primary.bs, 'flush_to_disk');
           if (!bs.drv) ret = -ENOMEDIUM;
           else if (drv.bdrv_co_flush_to_disk) ret = yield* drv.bdrv_co_flush_to_disk(bs);
           else if (drv.bdrv_aio_flush) {

@@ -43,21 +43,11 @@ import {
   qemu_iovec_to_buf,
   type IOVCursor,
 } from '../../src/block/qiov.ts';
+import { prng } from '../helpers/prng.ts';
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/** mulberry32: a small deterministic PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 type Rng = () => number;
 /** Integer in [lo, hi]. */
 function rint(rng: Rng, lo: number, hi: number): number {

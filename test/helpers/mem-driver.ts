@@ -17,7 +17,6 @@ import {
   qemu_coroutine_yield,
   qemu_get_current_aio_context,
   QemuError,
-  BDRV_CHILD_COW,
   BDRV_CHILD_IMAGE,
   BDRV_CHILD_FILTERED,
   BDRV_CHILD_PRIMARY,
@@ -250,7 +249,7 @@ export function makeFormat(name: string, f: FormatFeatures = {}): BlockDriver {
       bs.supported_truncate_flags = num(options['trunc_flags'], 0);
       bs.opaque = s;
       bdrv_open_child(null, options, 'file', bs, f.filter ? BDRV_CHILD_FILTERED | BDRV_CHILD_PRIMARY : BDRV_CHILD_IMAGE | BDRV_CHILD_PRIMARY, false);
-      if (f.supportsBacking) bdrv_open_child(null, options, 'backing', bs, BDRV_CHILD_COW, true);
+      // The backing child (option `backing` or `backing.*`) is opened by the core after this.
     },
     bdrv_getlength(bs) {
       const s = st(bs);
