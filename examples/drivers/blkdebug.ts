@@ -10,14 +10,23 @@
  * `set-state.N.{event,state,new_state}`.
  *
  * State machine (the normative part): the state starts at 1. When a block driver above emits an
- * event (`bdrv_debug_event(child_bs, 'write_aio')`), every rule registered for that event whose
- * `state` is 0 or the current state is processed in list order (rules are inserted at the head);
- * `set-state` rules pick the new state, applied once all rules were processed; if at least one
- * `inject-error` rule matched, the active-rule list is replaced by the matching rules. I/O
- * through the node (read, write, write-zeroes, discard, flush, block-status) then fails with the
- * first active rule whose sector (if any) lies in the request and whose iotype mask includes
- * the request's type; `once` removes the rule after it fired; `immediately=off` (default)
- * reschedules the request coroutine once through the event loop before returning the error.
+ * event (`yield* bdrv_co_debug_event(child_bs, 'write_aio')`), every rule registered for that
+ * event whose `state` is 0 or the current state is processed in list order (rules are inserted
+ * at the head); `set-state` rules pick the new state, applied once all rules were processed; if
+ * at least one `inject-error` rule matched, the active-rule list is replaced by the matching
+ * rules. I/O through the node (read, write, write-zeroes, discard, flush, block-status) then
+ * fails with the first active rule whose sector (if any) lies in the request and whose iotype
+ * mask includes the request's type; `once` removes the rule after it fired; `immediately=off`
+ * (default) reschedules the request coroutine once through the event loop before returning the
+ * error.
+ *
+ * Breakpoints (qemu-io's `break`, `resume`, `remove_break`, `wait_break`; qemu-block.md 3.2
+ * rule 4): `bdrv_debug_breakpoint(bs, event, tag)` adds a `suspend` rule at the head of the
+ * event's list. When the event fires in a request coroutine (`yield* bdrv_co_debug_event`), the
+ * rule is removed, `blkdebug: Suspended request 'TAG'` is printed on stdout, and the request
+ * yields until `bdrv_debug_resume` (which prints `blkdebug: Resuming request 'TAG'` and enters
+ * it). Suspend rules exist only through that API: QEMU 7.2 has no `suspend` section in config
+ * files or options (`There is no option group 'suspend'`).
  *
  * Register with `bdrv_blkdebug_init()` (idempotent).
  */
@@ -33,28 +42,29 @@ import {
   bdrv_debug_event,
   bdrv_find_format,
   bdrv_getlength,
-  bdrv_open_child,
+  bdrv_open_file_child,
   bdrv_register,
+  qemu_coroutine_enter,
   qemu_coroutine_self,
   qemu_coroutine_yield,
   qemu_get_current_aio_context,
   strerror,
   BDRV_BLOCK_OFFSET_VALID,
   BDRV_BLOCK_RAW,
-  BDRV_CHILD_FILTERED,
-  BDRV_CHILD_PRIMARY,
   BDRV_REQ_FUA,
   BDRV_REQ_MAY_UNMAP,
   BDRV_REQ_NO_FALLBACK,
   BDRV_REQ_WRITE_UNCHANGED,
   BDRV_SECTOR_SIZE,
   EIO,
+  ENOENT,
   ENOTSUP,
   INT_MAX,
   QemuError,
   type BlockDriver,
   type BlockDriverState,
   type BlockStatusOut,
+  type Coroutine,
   type CoroutineFn,
   type QEMUIOVector,
   qemu_strtosz,
@@ -143,16 +153,30 @@ export interface BlkdebugSetStateRule {
   state: number;
   new_state: number;
 }
-export type BlkdebugRule = BlkdebugInjectRule | BlkdebugSetStateRule;
+/** A breakpoint (QEMU: ACTION_SUSPEND), added by `bdrv_debug_breakpoint` only; state is always 0. */
+export interface BlkdebugSuspendRule {
+  action: 'suspend';
+  event: BlkdebugEvent;
+  state: number;
+  tag: string;
+}
+export type BlkdebugRule = BlkdebugInjectRule | BlkdebugSetStateRule | BlkdebugSuspendRule;
+
+/** A request waiting at a breakpoint (QEMU: BlkdebugSuspendedReq). */
+export interface BlkdebugSuspendedReq {
+  co: Coroutine;
+  tag: string;
+}
 
 /** The driver's per-node state (C's BDRVBlkdebugState). */
 export interface BDRVBlkdebugState {
   state: number;
-  new_state: number;
   /** Rules per event; index 0 is the list head. */
   rules: Map<BlkdebugEvent, BlkdebugRule[]>;
   /** Rules armed by the last event that matched an inject-error rule; index 0 is the head. */
   active_rules: BlkdebugInjectRule[];
+  /** Requests waiting at a breakpoint; index 0 is the list head (the latest). */
+  suspended_reqs: BlkdebugSuspendedReq[];
   align: number;
   max_transfer: number;
   opt_write_zero: number;
@@ -473,9 +497,9 @@ function blkdebug_open(bs: BlockDriverState, options: Record<string, unknown>, _
   }
   const s: BDRVBlkdebugState = {
     state: 1,
-    new_state: 1,
     rules: new Map(),
     active_rules: [],
+    suspended_reqs: [],
     align: 0,
     max_transfer: 0,
     opt_write_zero: 0,
@@ -490,10 +514,8 @@ function blkdebug_open(bs: BlockDriverState, options: Record<string, unknown>, _
   read_config(s, s.config_file, options);
   s.state = 1;
 
-  const child = bdrv_open_child(s.image_file, options, 'image', bs, BDRV_CHILD_FILTERED | BDRV_CHILD_PRIMARY, false)!;
-  // bdrv_open_file_child: the primary child is bs->file whatever its name.
-  bs.file = child;
-  const file = child.bs;
+  bdrv_open_file_child(s.image_file, options, 'image', bs);
+  const file = bs.file!.bs;
 
   bs.supported_write_flags = BDRV_REQ_WRITE_UNCHANGED | (BDRV_REQ_FUA & file.supported_write_flags);
   bs.supported_zero_flags =
@@ -552,13 +574,37 @@ function blkdebug_refresh_limits(bs: BlockDriverState): void {
   if (s.max_discard) bs.bl.max_pdiscard = s.max_discard;
 }
 
-/** Processes the rules of `event` (QEMU: `blkdebug_debug_event` / `process_rule`). */
-function blkdebug_debug_event(bs: BlockDriverState, event: string): void {
+/** Removes `rule` from its event's list (QEMU: `remove_rule`). */
+function remove_rule(s: BDRVBlkdebugState, rule: BlkdebugRule): void {
+  const list = s.rules.get(rule.event);
+  if (!list) return;
+  const i = list.indexOf(rule);
+  if (i >= 0) list.splice(i, 1);
+}
+
+/**
+ * Records the running coroutine as suspended at `rule` and drops the rule: a breakpoint fires
+ * once. QEMU: `suspend_request` (the yield comes after all rules of the event were processed).
+ */
+function suspend_request(s: BDRVBlkdebugState, rule: BlkdebugSuspendRule): BlkdebugSuspendedReq {
+  const r: BlkdebugSuspendedReq = { co: qemu_coroutine_self(), tag: rule.tag };
+  remove_rule(s, rule);
+  s.suspended_reqs.unshift(r);
+  process.stdout.write(`blkdebug: Suspended request '${r.tag}'\n`);
+  return r;
+}
+
+/**
+ * Processes the rules of `event` (QEMU: `blkdebug_co_debug_event` / `process_rule`), then
+ * yields once per suspend rule that matched. The new state is applied before the yields.
+ */
+function* blkdebug_co_debug_event(bs: BlockDriverState, event: string): CoroutineFn<void> {
   const s = state_of(bs);
   const rules = s.rules.get(event as BlkdebugEvent);
-  s.new_state = s.state;
   if (!rules) return;
+  let new_state = s.state;
   let injected = false;
+  let suspended: BlkdebugSuspendedReq[] | null = null;
   for (const rule of [...rules]) {
     if (rule.state && rule.state !== s.state) continue;
     if (rule.action === 'inject-error') {
@@ -567,11 +613,81 @@ function blkdebug_debug_event(bs: BlockDriverState, event: string): void {
         injected = true;
       }
       s.active_rules.unshift(rule);
+    } else if (rule.action === 'set-state') {
+      new_state = rule.new_state;
     } else {
-      s.new_state = rule.new_state;
+      (suspended ??= []).push(suspend_request(s, rule));
     }
   }
-  s.state = s.new_state;
+  s.state = new_state;
+  if (suspended === null) return;
+  try {
+    for (let n = suspended.length; n > 0; n--) yield* qemu_coroutine_yield();
+  } finally {
+    // Records still listed were never resumed: the yield threw (no coroutine to suspend) or the
+    // caller unwound us (bdrv_debug_event); a later resume must not enter them.
+    for (const r of suspended) {
+      const i = s.suspended_reqs.indexOf(r);
+      if (i >= 0) s.suspended_reqs.splice(i, 1);
+    }
+  }
+}
+
+/** Adds a suspend rule for `event` (QEMU: `blkdebug_debug_breakpoint`); -ENOENT for an unknown event. */
+function blkdebug_debug_breakpoint(bs: BlockDriverState, event: string, tag: string): number {
+  const s = state_of(bs);
+  const ev = BLKDEBUG_EVENTS.find((e) => e === event);
+  if (ev === undefined) return -ENOENT;
+  const rule: BlkdebugSuspendRule = { action: 'suspend', event: ev, state: 0, tag };
+  const list = s.rules.get(ev);
+  if (list) list.unshift(rule);
+  else s.rules.set(ev, [rule]);
+  return 0;
+}
+
+/**
+ * Resumes the latest request suspended with `tag`, or with `all` every one (QEMU:
+ * `resume_req_by_tag`). The request runs until it yields again before this returns.
+ * Surprise (as 7.2): with `all` the result is always -ENOENT, the search ends when none is left.
+ */
+function resume_req_by_tag(s: BDRVBlkdebugState, tag: string, all: boolean): number {
+  for (;;) {
+    const i = s.suspended_reqs.findIndex((r) => r.tag === tag);
+    if (i < 0) return -ENOENT;
+    const r = s.suspended_reqs[i]!;
+    process.stdout.write(`blkdebug: Resuming request '${r.tag}'\n`);
+    s.suspended_reqs.splice(i, 1);
+    qemu_coroutine_enter(r.co);
+    if (!all) return 0;
+  }
+}
+
+function blkdebug_debug_resume(bs: BlockDriverState, tag: string): number {
+  return resume_req_by_tag(state_of(bs), tag, false);
+}
+
+/**
+ * Removes every suspend rule tagged `tag` and resumes every request suspended with it (QEMU:
+ * `blkdebug_debug_remove_breakpoint`). 0 if a rule was removed, else -ENOENT, even when
+ * requests were resumed (resume_req_by_tag's quirk: qemu-io prints "Could not remove breakpoint").
+ */
+function blkdebug_debug_remove_breakpoint(bs: BlockDriverState, tag: string): number {
+  const s = state_of(bs);
+  let ret = -ENOENT;
+  for (const list of s.rules.values()) {
+    for (const rule of [...list]) {
+      if (rule.action === 'suspend' && rule.tag === tag) {
+        remove_rule(s, rule);
+        ret = 0;
+      }
+    }
+  }
+  if (resume_req_by_tag(s, tag, true) === 0) ret = 0;
+  return ret;
+}
+
+function blkdebug_debug_is_suspended(bs: BlockDriverState, tag: string): boolean {
+  return state_of(bs).suspended_reqs.some((r) => r.tag === tag);
 }
 
 /** Error injection on I/O (QEMU: `rule_check`): 0, or -errno of the first matching active rule. */
@@ -584,11 +700,7 @@ function* rule_check(bs: BlockDriverState, offset: number, bytes: number, iotype
   const { immediately, error } = rule;
   if (rule.once) {
     s.active_rules.splice(s.active_rules.indexOf(rule), 1);
-    const list = s.rules.get(rule.event);
-    if (list) {
-      const i = list.indexOf(rule);
-      if (i >= 0) list.splice(i, 1);
-    }
+    remove_rule(s, rule);
   }
   if (!immediately) {
     aio_co_schedule(qemu_get_current_aio_context(), qemu_coroutine_self());
@@ -693,7 +805,11 @@ export const bdrv_blkdebug: BlockDriver = {
   bdrv_co_pdiscard: blkdebug_co_pdiscard,
   bdrv_co_flush_to_disk: blkdebug_co_flush,
   bdrv_co_block_status: blkdebug_co_block_status,
-  bdrv_debug_event: blkdebug_debug_event,
+  bdrv_co_debug_event: blkdebug_co_debug_event,
+  bdrv_debug_breakpoint: blkdebug_debug_breakpoint,
+  bdrv_debug_remove_breakpoint: blkdebug_debug_remove_breakpoint,
+  bdrv_debug_resume: blkdebug_debug_resume,
+  bdrv_debug_is_suspended: blkdebug_debug_is_suspended,
 };
 
 /** Registers blkdebug unless a driver of that name already is. QEMU: `bdrv_blkdebug_init`. */

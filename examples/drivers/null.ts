@@ -97,17 +97,21 @@ function* null_co_common(bs: BlockDriverState): CoroutineFn<number> {
   return 0;
 }
 
+// null_co_common is entered only when there is a latency to sleep: a generator per request
+// costs a measurable share of null-co's request rate, and most null-co nodes have no latency.
+
 function* null_co_preadv(bs: BlockDriverState, _offset: number, bytes: number, qiov: QEMUIOVector, _flags: number): CoroutineFn<number> {
-  if ((bs.opaque as BDRVNullState).read_zeroes) qemu_iovec_memset(qiov, 0, 0, bytes);
-  return yield* null_co_common(bs);
+  const s = bs.opaque as BDRVNullState;
+  if (s.read_zeroes) qemu_iovec_memset(qiov, 0, 0, bytes);
+  return s.latency_ns ? yield* null_co_common(bs) : 0;
 }
 
 function* null_co_pwritev(bs: BlockDriverState, _offset: number, _bytes: number, _qiov: QEMUIOVector, _flags: number): CoroutineFn<number> {
-  return yield* null_co_common(bs);
+  return (bs.opaque as BDRVNullState).latency_ns ? yield* null_co_common(bs) : 0;
 }
 
 function* null_co_flush(bs: BlockDriverState): CoroutineFn<number> {
-  return yield* null_co_common(bs);
+  return (bs.opaque as BDRVNullState).latency_ns ? yield* null_co_common(bs) : 0;
 }
 
 function* null_co_block_status(

@@ -13,13 +13,17 @@
  * Importing this module registers the driver.
  */
 import {
+  bdrv_co_create_file,
+  type QemuOpts,
+  type QemuOptsList,
   bdrv_co_pdiscard,
   bdrv_co_preadv,
   bdrv_co_pwrite_zeroes,
   bdrv_co_pwritev,
   bdrv_co_truncate,
-  bdrv_debug_event,
+  bdrv_co_debug_event,
   bdrv_drivers,
+  bdrv_get_info,
   bdrv_getlength,
   bdrv_open_child,
   bdrv_register,
@@ -46,6 +50,7 @@ import {
   QEMUIOVector,
   QemuError,
   type BlockDriver,
+  type BlockDriverInfo,
   type BlockDriverState,
   type BlockStatusOut,
   type CoroutineFn,
@@ -126,7 +131,8 @@ function raw_adjust_offset(bs: BlockDriverState, offset: number, bytes: number, 
 function* raw_co_preadv(bs: BlockDriverState, offset: number, bytes: number, qiov: QEMUIOVector, flags: number): CoroutineFn<number> {
   const off = raw_adjust_offset(bs, offset, bytes, false);
   if (off < 0) return off;
-  bdrv_debug_event(bs.file!.bs, 'read_aio');
+  // Guarded: a yield* costs even when no driver listens (blkdebug below raw is rare).
+  if (bs.file!.bs.drv?.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs.file!.bs, 'read_aio');
   return yield* bdrv_co_preadv(bs.file!, off, bytes, qiov, flags);
 }
 
@@ -161,7 +167,7 @@ function* raw_co_pwritev(bs: BlockDriverState, offset: number, bytes: number, qi
   }
   const off = raw_adjust_offset(bs, offset, bytes, true);
   if (off < 0) return off;
-  bdrv_debug_event(bs.file!.bs, 'write_aio');
+  if (bs.file!.bs.drv?.bdrv_co_debug_event) yield* bdrv_co_debug_event(bs.file!.bs, 'write_aio');
   return yield* bdrv_co_pwritev(bs.file!, off, bytes, qiov, flags);
 }
 
@@ -220,6 +226,22 @@ function raw_probe(_buf: Uint8Array, _buf_size: number, _filename: string | null
   return 1;
 }
 
+/** What the file child says (qemu-img info's dirty-flag for raw comes from here). QEMU: `raw_get_info`. */
+function raw_get_info(bs: BlockDriverState, bdi: BlockDriverInfo): number {
+  return bdrv_get_info(bs.file!.bs, bdi);
+}
+
+/** QEMU's raw_create_opts: only the size; the protocol adds its own options. */
+const raw_create_opts: QemuOptsList = {
+  name: 'raw-create-opts',
+  desc: [{ name: 'size', type: 'size', help: 'Virtual disk size' }],
+};
+
+/** A raw image is just its file. QEMU: `raw_co_create_opts` (bdrv_co_create_file). */
+function* raw_co_create_opts(_drv: BlockDriver, filename: string, opts: QemuOpts): CoroutineFn<number> {
+  return yield* bdrv_co_create_file(filename, opts);
+}
+
 /** The `raw` format driver. */
 export const bdrv_raw: BlockDriver = {
   format_name: 'raw',
@@ -236,6 +258,9 @@ export const bdrv_raw: BlockDriver = {
   bdrv_co_pdiscard: raw_co_pdiscard,
   bdrv_co_block_status: raw_co_block_status,
   bdrv_co_truncate: raw_co_truncate,
+  bdrv_get_info: raw_get_info,
+  create_opts: raw_create_opts,
+  bdrv_co_create_opts: raw_co_create_opts,
 };
 
 bdrv_register(bdrv_raw);

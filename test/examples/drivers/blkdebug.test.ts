@@ -13,11 +13,18 @@ import {
   bdrv_co_block_status,
   bdrv_co_preadv,
   bdrv_co_pwritev,
+  bdrv_co_debug_event,
+  bdrv_debug_breakpoint,
   bdrv_debug_event,
+  bdrv_debug_is_suspended,
+  bdrv_debug_remove_breakpoint,
+  bdrv_debug_resume,
   bdrv_open_child,
   bdrv_register,
   blk_bs,
+  blk_co_flush,
   blk_co_preadv,
+  blk_co_pwritev,
   blk_flush,
   blk_new_open,
   blk_pdiscard,
@@ -39,6 +46,7 @@ import {
   BDRV_O_RDWR,
   BDRV_O_UNMAP,
   EIO,
+  ENOENT,
   ENOSPC,
   ENOTSUP,
   QEMUIOVector,
@@ -50,6 +58,8 @@ import {
   type CoroutineFn,
 } from '../../../src/index.ts';
 import { bdrv_blkdebug, bdrv_blkdebug_init, blkdebug_get_state, BLKDEBUG_EVENTS } from '../../../examples/drivers/blkdebug.ts';
+import { startCo, type CoResult } from '../../helpers/mem-driver.ts';
+import { throwsCo } from '../../helpers/assert.ts';
 
 const fixture = (name: string): string => fileURLToPath(new URL(`./fixtures/blkdebug-${name}.conf`, import.meta.url));
 
@@ -123,11 +133,11 @@ const evfmt: BlockDriver = {
     return bs.file!.bs.total_sectors * 512;
   },
   *bdrv_co_preadv(bs, offset, bytes, qiov, flags) {
-    bdrv_debug_event(bs.file!.bs, 'read_aio');
+    yield* bdrv_co_debug_event(bs.file!.bs, 'read_aio');
     return yield* bdrv_co_preadv(bs.file!, offset, bytes, qiov, flags);
   },
   *bdrv_co_pwritev(bs, offset, bytes, qiov, flags) {
-    bdrv_debug_event(bs.file!.bs, 'write_aio');
+    yield* bdrv_co_debug_event(bs.file!.bs, 'write_aio');
     return yield* bdrv_co_pwritev(bs.file!, offset, bytes, qiov, flags);
   },
 };
@@ -629,6 +639,217 @@ test('limit validation messages (3.2)', () => {
   assert.is(openError(() => openBd({ 'opt-discard': 4096, 'max-discard': 6144 })), 'Cannot meet constraints with max-discard 6144');
   assert.is(openError(() => openBd({ align: 'big' })), "Parameter 'align' expects a non-negative number below 2^64");
   assert.is(openError(() => openBd({ align: 4096 })), '(opened)');
+});
+
+// ---------------------------------------------------------------------------------------------
+// Breakpoints (3.2 rule 4): suspend rules, resume, remove_break, is_suspended
+
+/** Collects what blkdebug prints on stdout (QEMU's printf) while `fn` runs. */
+function stdoutOf(fn: () => void): string {
+  const write = process.stdout.write;
+  let out = '';
+  process.stdout.write = ((chunk: string | Uint8Array): boolean => {
+    out += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString();
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    fn();
+  } finally {
+    process.stdout.write = write;
+  }
+  return out;
+}
+
+/** evfmt over blkdebug over mem: guest writes announce write_aio to blkdebug. */
+function openEv(opts: Record<string, unknown> = {}): BlockBackend {
+  return blk_new_open(null, null, { driver: 'evfmt', 'file.driver': 'blkdebug', 'file.image.driver': 'mem', 'file.image.filename': 'x', ...opts }, BDRV_O_RDWR);
+}
+
+/** Starts a 512-byte write of `fill` at `offset` in a coroutine; it may stay suspended. */
+function startWrite(blk: BlockBackend, offset: number, fill: number): CoResult<number> {
+  const q = new QEMUIOVector();
+  qemu_iovec_init_buf(q, buf(512, fill), 512);
+  return startCo(() => blk_co_pwritev(blk, offset, 512, q, 0));
+}
+
+test('break: a write suspends at write_aio before reaching the image; resume completes it (3.2 rule 4)', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  let w: CoResult<number> | null = null;
+  const out1 = stdoutOf(() => {
+    assert.is(bdrv_debug_breakpoint(top, 'write_aio', 'A'), 0);
+    w = startWrite(blk, 0, 7);
+  });
+  assert.is(out1, "blkdebug: Suspended request 'A'\n");
+  assert.is(w!.done, false);
+  assert.equal([bdrv_debug_is_suspended(top, 'A'), bdrv_debug_is_suspended(top, 'B')], [true, false]);
+  assert.equal(memOf(blk).log, []);
+  // Nothing else wakes it: the event loop has nothing to run.
+  assert.is(aio_poll(qemu_get_aio_context(), false), false);
+  assert.is(w!.done, false);
+  const out2 = stdoutOf(() => assert.is(bdrv_debug_resume(top, 'A'), 0));
+  assert.is(out2, "blkdebug: Resuming request 'A'\n");
+  assert.equal(w!, { done: true, ret: 0 });
+  assert.equal(memOf(blk).log, ['write 0 512']);
+  assert.is(bdrv_debug_is_suspended(top, 'A'), false);
+  blk_unref(blk);
+});
+
+test('a breakpoint fires once: the next write passes; resume of a tag nobody waits under is -ENOENT', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  let first: CoResult<number> | null = null;
+  let second: CoResult<number> | null = null;
+  const out = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    first = startWrite(blk, 0, 1);
+    second = startWrite(blk, 512, 2);
+  });
+  assert.is(out, "blkdebug: Suspended request 'A'\n");
+  assert.equal([first!.done, second!], [false, { done: true, ret: 0 }]);
+  assert.equal(memOf(blk).log, ['write 512 512']);
+  assert.is(bdrv_debug_resume(top, 'B'), -ENOENT);
+  stdoutOf(() => bdrv_debug_resume(top, 'A'));
+  assert.equal(first!, { done: true, ret: 0 });
+  assert.equal(memOf(blk).log, ['write 512 512', 'write 0 512']);
+  assert.is(bdrv_debug_resume(top, 'A'), -ENOENT);
+  blk_unref(blk);
+});
+
+test('resume takes the latest request suspended with the tag first (list head)', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  const ws: CoResult<number>[] = [];
+  const out = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    ws.push(startWrite(blk, 0, 1));
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    ws.push(startWrite(blk, 512, 2));
+    assert.is(bdrv_debug_resume(top, 'A'), 0);
+    assert.equal(memOf(blk).log, ['write 512 512']);
+    assert.is(bdrv_debug_resume(top, 'A'), 0);
+  });
+  assert.is(out, "blkdebug: Suspended request 'A'\n".repeat(2) + "blkdebug: Resuming request 'A'\n".repeat(2));
+  assert.equal(memOf(blk).log, ['write 512 512', 'write 0 512']);
+  assert.equal(ws.map((w) => w.ret), [0, 0]);
+  blk_unref(blk);
+});
+
+test('two breakpoints with one tag on one event suspend the request twice: two resumes needed', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  let w: CoResult<number> | null = null;
+  const out = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    w = startWrite(blk, 0, 3);
+    bdrv_debug_resume(top, 'A');
+    assert.equal([w.done, bdrv_debug_is_suspended(top, 'A')], [false, true]);
+    bdrv_debug_resume(top, 'A');
+  });
+  assert.is(out, "blkdebug: Suspended request 'A'\n".repeat(2) + "blkdebug: Resuming request 'A'\n".repeat(2));
+  assert.equal(w!, { done: true, ret: 0 });
+  blk_unref(blk);
+});
+
+test('remove_break removes the rules and resumes every request with the tag; -ENOENT with no rule left (7.2 quirk)', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  const ws: CoResult<number>[] = [];
+  const out = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    ws.push(startWrite(blk, 0, 1));
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    ws.push(startWrite(blk, 512, 2));
+    bdrv_debug_breakpoint(top, 'read_aio', 'A');
+    // A rule was removed (read_aio's): 0, and both writes resume, latest first.
+    assert.is(bdrv_debug_remove_breakpoint(top, 'A'), 0);
+  });
+  assert.is(out, "blkdebug: Suspended request 'A'\n".repeat(2) + "blkdebug: Resuming request 'A'\n".repeat(2));
+  assert.equal(ws.map((w) => w.ret), [0, 0]);
+  assert.equal(memOf(blk).log, ['write 512 512', 'write 0 512']);
+  // The read_aio rule is gone: a read is not suspended.
+  assert.is(blk_pread(blk, 0, 512, buf(512), 0), 0);
+  // Only a suspended request, no rule: it is resumed, yet the result is -ENOENT.
+  let w: CoResult<number> | null = null;
+  const out2 = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'B');
+    w = startWrite(blk, 1024, 3);
+    assert.is(bdrv_debug_remove_breakpoint(top, 'B'), -ENOENT);
+  });
+  assert.is(out2, "blkdebug: Suspended request 'B'\nblkdebug: Resuming request 'B'\n");
+  assert.equal(w!, { done: true, ret: 0 });
+  assert.is(bdrv_debug_remove_breakpoint(top, 'B'), -ENOENT);
+  blk_unref(blk);
+});
+
+test('break on an unknown event is -ENOENT; every BlkdebugEvent name is accepted', () => {
+  const blk = openBd({});
+  const bd = blk_bs(blk)!;
+  assert.is(bdrv_debug_breakpoint(bd, 'nosuch', 'A'), -ENOENT);
+  assert.is(bdrv_debug_breakpoint(bd, 'l1_grow.alloc_table', 'A'), -ENOENT);
+  for (const ev of BLKDEBUG_EVENTS) assert.is(bdrv_debug_breakpoint(bd, ev, `t-${ev}`), 0, ev);
+  for (const ev of BLKDEBUG_EVENTS) assert.is(bdrv_debug_remove_breakpoint(bd, `t-${ev}`), 0, ev);
+  blk_unref(blk);
+});
+
+test('block-layer events reach blkdebug: pwritev on the node itself, flush_to_os from the format above', () => {
+  const blk = openEv();
+  const top = blk_bs(blk)!;
+  let w: CoResult<number> | null = null;
+  let f: CoResult<number> | null = null;
+  const out = stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'pwritev', 'P');
+    w = startWrite(blk, 0, 5);
+    // write_aio came first and was not stopped; the block layer's pwritev on blkdebug was.
+    assert.equal([w.done, memOf(blk).log], [false, []]);
+    bdrv_debug_resume(top, 'P');
+    bdrv_debug_breakpoint(top, 'flush_to_os', 'F');
+    f = startCo(() => blk_co_flush(blk));
+    assert.equal([f.done, memOf(blk).log], [false, ['write 0 512']]);
+    bdrv_debug_resume(top, 'F');
+  });
+  assert.is(out, ["Suspended request 'P'", "Resuming request 'P'", "Suspended request 'F'", "Resuming request 'F'"].map((l) => `blkdebug: ${l}\n`).join(''));
+  assert.equal([w!, f!], [{ done: true, ret: 0 }, { done: true, ret: 0 }]);
+  assert.equal(memOf(blk).log, ['write 0 512', 'flush']);
+  blk_unref(blk);
+});
+
+test('the new state is applied before the request suspends', () => {
+  const blk = openEv({ 'file.set-state.0.event': 'write_aio', 'file.set-state.0.new_state': 2 });
+  const top = blk_bs(blk)!;
+  const bd = blkdebugOf(blk);
+  let w: CoResult<number> | null = null;
+  stdoutOf(() => {
+    bdrv_debug_breakpoint(top, 'write_aio', 'A');
+    w = startWrite(blk, 0, 1);
+  });
+  assert.equal([w!.done, blkdebug_get_state(bd)], [false, 2]);
+  stdoutOf(() => bdrv_debug_resume(top, 'A'));
+  assert.equal(w!, { done: true, ret: 0 });
+  blk_unref(blk);
+});
+
+test('outside a coroutine a breakpoint cannot suspend: it prints, throws QEMU\'s abort message, leaves nothing behind', () => {
+  const blk = openBd({});
+  const bd = blk_bs(blk)!;
+  bdrv_debug_breakpoint(bd, 'l2_load', 'A');
+  const out = stdoutOf(() => throwsCo(() => bdrv_debug_event(bd, 'l2_load'), 'Co-routine is yielding to no one'));
+  assert.is(out, "blkdebug: Suspended request 'A'\n");
+  assert.is(bdrv_debug_is_suspended(bd, 'A'), false);
+  // The rule fired, so it is gone.
+  assert.is(bdrv_debug_remove_breakpoint(bd, 'A'), -ENOENT);
+  blk_unref(blk);
+});
+
+test('suspend rules come only from the breakpoint API: not from config files or options (7.2)', () => {
+  const open = (name: string): string => openError(() => blk_new_open(`blkdebug:${fixture(name)}:mem:x`, null, {}, BDRV_O_RDWR));
+  assert.is(open('suspend-group'), "There is no option group 'suspend'");
+  assert.is(open('suspend-tag'), "Invalid parameter 'tag'");
+  assert.is(
+    openError(() => openBd({ 'suspend.0.event': 'write_aio', 'suspend.0.tag': 'A' })),
+    "Block protocol 'blkdebug' doesn't support the option 'suspend.0.event'",
+  );
 });
 
 test.run();

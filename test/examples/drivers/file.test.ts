@@ -4,7 +4,7 @@
 // moved to an IOThread. Facts: qemu-block.md 1.6 and 3.4 (file-posix), 2.x for the core's part.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { bdrv_file, type BDRVFileState } from '../../../examples/drivers/file.ts';
 import {
@@ -59,6 +59,16 @@ import {
   type BlockStatusOut,
   type CoroutineFn,
   type PreallocMode,
+} from '../../../src/index.ts';
+
+import {
+  bdrv_create,
+  bdrv_get_allocated_file_size,
+  qemu_opt_get,
+  qemu_opts_create,
+  qemu_opts_do_parse,
+  qemu_opts_print,
+  type QemuOpts,
 } from '../../../src/index.ts';
 
 const dir = path.join('/work/main/.tmp-tests', `file-driver-${process.pid}`);
@@ -333,7 +343,7 @@ test('2.1 getlength is sector-granular (1000 bytes -> 1024), fixed at open as QE
   blk_unref(reopened);
 });
 
-test('2.10 truncate: ftruncate through the pool grows and shrinks; prealloc other than off refused', () => {
+test('2.10 truncate: ftruncate through the pool grows and shrinks; falloc/full grow by writing zeroes and never shrink, metadata refused', () => {
   const p = tmpFile(fill(1000, 0x66));
   const blk = blk_new_open(p, null, {}, BDRV_O_RDWR);
   const bs = bsOf(blk);
@@ -349,12 +359,21 @@ test('2.10 truncate: ftruncate through the pool grows and shrinks; prealloc othe
   assert.equal(trunc(600, 'off'), { value: 0 });
   assert.is(readFileSync(p).length, 600);
   assert.is(blk_getlength(blk), 1024);
-  for (const mode of ['metadata', 'falloc', 'full'] as const) {
-    const r = trunc(4096, mode);
-    assert.ok(r.error instanceof QemuError, mode);
-    assert.is((r.error as QemuError).message, `Unsupported preallocation mode: ${mode}`);
-  }
-  assert.is(readFileSync(p).length, 600, 'refused truncations changed nothing');
+  const r = trunc(4096, 'metadata');
+  assert.ok(r.error instanceof QemuError);
+  assert.is((r.error as QemuError).message, 'Unsupported preallocation mode: metadata');
+  assert.is(readFileSync(p).length, 600, 'a refused truncation changes nothing');
+  // QEMU's file-posix grows with falloc/full; without fallocate both write the new area's zeroes.
+  assert.equal(trunc(4096, 'falloc'), { value: 0 });
+  assert.equal(trunc(8192, 'full'), { value: 0 });
+  const grown = readFileSync(p);
+  assert.is(grown.length, 8192);
+  assert.ok(grown.subarray(0, 600).every((x) => x === 0x66) && grown.subarray(600).every((x) => x === 0));
+  assert.ok(statSync(p).blocks * 512 >= 8192, 'the new area is allocated');
+  const shrink = trunc(600, 'full');
+  assert.is((shrink.error as QemuError).message, 'Cannot use preallocation for shrinking files');
+  assert.is(readFileSync(p).length, 8192, 'a refused shrink changes nothing');
+  assert.equal(trunc(600, 'off'), { value: 0 });
   assert.is(bs.in_flight, 0);
   blk_unref(blk);
 });
@@ -614,6 +633,110 @@ test('bytes not matching the qiov size is -EINVAL (driver contract check)', () =
   assert.equal(runCo(ctx, () => bdrv_file.bdrv_co_preadv!(bs, 0, 20, q, 0)), { value: -EINVAL });
   assert.equal(runCo(ctx, () => bdrv_file.bdrv_co_pwritev!(bs, 0, 20, q, 0)), { value: -EINVAL });
   blk_unref(blk);
+});
+
+
+// --- Image creation (QEMU 7.2 file-posix.c raw_co_create_opts / raw_co_create) -----------------
+
+mkdirSync('/tmp/t1-core-tests', { recursive: true });
+const createDir = mkdtempSync('/tmp/t1-core-tests/file-create-');
+test.after(() => rmSync(createDir, { recursive: true, force: true }));
+let createCounter = 0;
+/** A new path in createDir, optionally holding `content`. */
+function createPath(content?: Uint8Array): string {
+  const p = path.join(createDir, `c${++createCounter}.img`);
+  if (content) writeFileSync(p, content);
+  return p;
+}
+
+/** File create options parsed from `params` against the driver's create_opts. */
+function createOpts(params: string): QemuOpts {
+  const o = qemu_opts_create(bdrv_file.create_opts!);
+  qemu_opts_do_parse(o, params, null);
+  return o;
+}
+/** Host bytes of `p` as the driver reports them for an open node. */
+function allocated(p: string): number {
+  const blk = blk_new_open(p, null, {}, 0);
+  try {
+    return bdrv_get_allocated_file_size(bsOf(blk));
+  } finally {
+    blk_unref(blk);
+  }
+}
+
+test('create: create_opts are QEMU 7.2\'s file_create_opts (names, types, order)', () => {
+  assert.equal(
+    bdrv_file.create_opts!.desc.map((d) => `${d.name}:${d.type}`),
+    ['size:size', 'nocow:bool', 'preallocation:string', 'extent_size_hint:size'],
+  );
+  assert.is(qemu_opt_get(createOpts(''), 'preallocation'), null);
+});
+
+test('create: the file gets the size asked, rounded up to 512; no size is 0; mode 0644 (umask applied)', () => {
+  const sizes: [string, number][] = [
+    ['', 0],
+    ['size=0', 0],
+    ['size=1', 512],
+    ['size=1000', 1024],
+    ['size=4096', 4096],
+    ['size=1M', 1 << 20],
+  ];
+  for (const [params, want] of sizes) {
+    const p = createPath();
+    assert.is(bdrv_create(bdrv_file, p, createOpts(params)), 0, params);
+    assert.is(statSync(p).size, want, params);
+    assert.is(statSync(p).mode & 0o777, 0o644 & ~process.umask(), params);
+  }
+  // The file: prefix is stripped, as for opening.
+  const p = createPath();
+  assert.is(bdrv_create(bdrv_file, `file:${p}`, createOpts('size=512')), 0);
+  assert.is(statSync(p).size, 512);
+});
+
+test('create: an existing file is reused and emptied (its old data reads as zeroes)', () => {
+  const p = createPath(fill(8192, 0x5a));
+  assert.is(bdrv_create(bdrv_file, p, createOpts('size=4096')), 0);
+  assert.equal(new Uint8Array(readFileSync(p)), fill(4096, 0));
+  const q = createPath(fill(100, 0x5a));
+  assert.is(bdrv_create(bdrv_file, q, createOpts('size=1k')), 0);
+  assert.equal(new Uint8Array(readFileSync(q)), fill(1024, 0));
+});
+
+test('create: preallocation full/falloc allocate the blocks (bdrv_get_allocated_file_size), off leaves a sparse file', () => {
+  const size = 1 << 20;
+  const off = createPath();
+  assert.is(bdrv_create(bdrv_file, off, createOpts(`size=${size},preallocation=off`)), 0);
+  for (const mode of ['full', 'falloc']) {
+    const p = createPath();
+    assert.is(bdrv_create(bdrv_file, p, createOpts(`size=${size},preallocation=${mode}`)), 0, mode);
+    assert.is(statSync(p).size, size, mode);
+    const a = allocated(p);
+    assert.ok(a >= size, `${mode}: allocated ${a}`);
+    assert.ok(allocated(off) < a, `off: ${allocated(off)} < ${a}`);
+    assert.equal(new Uint8Array(readFileSync(p)), fill(size, 0));
+  }
+});
+
+test("create: QEMU's messages: bad preallocation (nothing created), metadata (file created, empty), missing directory", () => {
+  const bad = createPath();
+  assert.is(qemuErrorOf(() => bdrv_create(bdrv_file, bad, createOpts('size=1M,preallocation=xyz'))), 'invalid parameter value: xyz');
+  assert.is(existsSync(bad), false);
+  const meta = createPath();
+  assert.is(qemuErrorOf(() => bdrv_create(bdrv_file, meta, createOpts('size=1M,preallocation=metadata'))), 'Unsupported preallocation mode: metadata');
+  assert.is(statSync(meta).size, 0);
+  assert.is(qemuErrorOf(() => bdrv_create(bdrv_file, '/nonexist/x', createOpts('size=1M'))), "Could not create '/nonexist/x': No such file or directory");
+  assert.is(qemuErrorOf(() => bdrv_create(bdrv_file, createDir, createOpts('size=1M'))), `Could not create '${createDir}': Is a directory`);
+});
+
+test('create: nocow and extent_size_hint are accepted and consumed; the options print as qemu-img prints them', () => {
+  const opts = createOpts('extent_size_hint=1k,nocow=yes,size=1M');
+  // qemu-img 7.2 create -f file -o extent_size_hint=1k,nocow=yes x 1M prints this tail.
+  assert.is(qemu_opts_print(opts, ' '), 'size=1048576 nocow=yes extent_size_hint=1024');
+  const p = createPath();
+  assert.is(bdrv_create(bdrv_file, p, opts), 0);
+  assert.equal(opts.opts.map((o) => o.name), [], 'every option read with _del');
+  assert.is(statSync(p).size, 1 << 20);
 });
 
 test.run();

@@ -9,6 +9,9 @@ import {
   blk_aio_preadv,
   blk_aio_pwritev,
   blk_bs,
+  blk_co_flush,
+  blk_co_preadv,
+  blk_co_pwritev,
   blk_flush,
   blk_getlength,
   blk_new_open,
@@ -159,6 +162,27 @@ for (const proto of ['null-co', 'null-aio'] as const) {
     assert.ok(dt >= latency && dt < 1_000_000_000, `write took ${dt} ns`);
     blk_unref(blk);
   });
+
+  if (proto === 'null-co') {
+    test('3.1 null-co: without latency-ns a request ends in its first entry; with it, each one sleeps', () => {
+      for (const latency of [0, 1_000_000]) {
+        const blk = blk_new_open(null, null, { driver: proto, size: 4096, 'read-zeroes': 'on', 'latency-ns': latency }, BDRV_O_RDWR);
+        const buf = new Uint8Array(512).fill(9);
+        const steps: string[] = [];
+        const co = qemu_coroutine_create(function* () {
+          steps.push(`read ${yield* blk_co_preadv(blk, 0, 512, qiovOf(buf), 0)} ${buf[0]} ${buf[511]}`);
+          steps.push(`write ${yield* blk_co_pwritev(blk, 512, 512, qiovOf(buf), 0)}`);
+          steps.push(`flush ${yield* blk_co_flush(blk)}`);
+        });
+        qemu_coroutine_enter(co);
+        steps.push('entered');
+        AIO_WAIT_WHILE(null, () => steps.length < 4);
+        if (latency === 0) assert.equal(steps, ['read 0 0 0', 'write 0', 'flush 0', 'entered']);
+        else assert.equal(steps, ['entered', 'read 0 0 0', 'write 0', 'flush 0']);
+        blk_unref(blk);
+      }
+    });
+  }
 
   test(`3.1 ${proto}: option errors carry QEMU's messages`, () => {
     assert.is(openErr(null, { driver: proto, 'latency-ns': -1 }), 'latency-ns is invalid');

@@ -44,6 +44,17 @@ import {
 } from '../../../src/index.ts';
 import { bdrv_raw } from '../../../examples/drivers/raw.ts';
 import '../../../examples/drivers/null.ts';
+import { bdrv_file } from '../../../examples/drivers/file.ts';
+import * as fs from 'node:fs';
+import {
+  bdrv_create,
+  bdrv_get_allocated_file_size,
+  qemu_opts_append,
+  qemu_opts_create,
+  qemu_opts_do_parse,
+  qemu_opts_print,
+  type QemuOpts,
+} from '../../../src/index.ts';
 
 // Facts: reference/qemu-block.md §3.3 (raw format), §2.11 (block status RAW passthrough).
 
@@ -347,6 +358,64 @@ test('3.3 probing: raw scores 1 and is picked for an unknown image; probed write
   assert.is(blk_pwrite(blk, 512, 4, magicBytes, 0), 0, 'beyond block 0: unrestricted');
   assert.equal(s.log, ['read 0 2048 0', 'read 0 512 0', 'read 0 512 0', 'write 0 512 0', 'read 512 512 0', 'write 512 512 0']);
   blk_unref(blk);
+});
+
+
+// --- Image creation (QEMU 7.2 block/raw-format.c raw_co_create_opts: the file is the image) --------
+
+fs.mkdirSync('/tmp/t1-core-tests', { recursive: true });
+const createDir = fs.mkdtempSync('/tmp/t1-core-tests/raw-create-');
+test.after(() => fs.rmSync(createDir, { recursive: true, force: true }));
+let createCounter = 0;
+
+/** Options over raw's create_opts followed by file's, as qemu-img create -f raw merges them. */
+function rawCreateOpts(params: string): QemuOpts {
+  const o = qemu_opts_create(qemu_opts_append(qemu_opts_append(null, bdrv_raw.create_opts!), bdrv_file.create_opts!));
+  qemu_opts_do_parse(o, params, null);
+  return o;
+}
+function createErr(filename: string, opts: QemuOpts): string {
+  try {
+    bdrv_create(bdrv_raw, filename, opts);
+  } catch (e) {
+    return e instanceof QemuError ? e.message : `not QemuError: ${e}`;
+  }
+  return 'no error';
+}
+
+test('create: raw describes only size; merged with file, options print in qemu-img create -f raw order', () => {
+  assert.equal(bdrv_raw.create_opts!.desc.map((d) => `${d.name}:${d.type}`), ['size:size']);
+  // qemu-img 7.2: "Formatting 'x', fmt=raw size=1048576 nocow=yes extent_size_hint=1024".
+  assert.is(qemu_opts_print(rawCreateOpts('extent_size_hint=1k,nocow=yes,size=1M'), ' '), 'size=1048576 nocow=yes extent_size_hint=1024');
+});
+
+test('create: raw hands every option to the file protocol: sizes, an existing file emptied, full preallocation', () => {
+  for (const [size, want] of [
+    [0, 0],
+    [1000, 1024],
+    [65536, 65536],
+  ] as const) {
+    const p = `${createDir}/r${++createCounter}.img`;
+    assert.is(bdrv_create(bdrv_raw, p, rawCreateOpts(`size=${size}`)), 0);
+    assert.is(fs.statSync(p).size, want);
+  }
+  const old = `${createDir}/r${++createCounter}.img`;
+  fs.writeFileSync(old, new Uint8Array(10000).fill(7));
+  assert.is(bdrv_create(bdrv_raw, old, rawCreateOpts('size=2048')), 0);
+  assert.equal(new Uint8Array(fs.readFileSync(old)), new Uint8Array(2048));
+  const full = `${createDir}/r${++createCounter}.img`;
+  assert.is(bdrv_create(bdrv_raw, full, rawCreateOpts('size=256k,preallocation=full')), 0);
+  const blk = blk_new_open(full, null, { driver: 'raw' }, 0);
+  assert.is(blk_getlength(blk), 256 * 1024);
+  assert.ok(bdrv_get_allocated_file_size(blk_bs(blk)!) >= 256 * 1024);
+  blk_unref(blk);
+});
+
+test("create: errors are the protocol's: a protocol without creation, the file driver's messages", () => {
+  assert.is(createErr('mem:x', rawCreateOpts('size=1k')), "Driver 'mem' does not support image creation");
+  assert.is(createErr('/nonexist/x', rawCreateOpts('size=1k')), "Could not create '/nonexist/x': No such file or directory");
+  assert.is(createErr(`${createDir}/bad.img`, rawCreateOpts('size=1k,preallocation=xyz')), 'invalid parameter value: xyz');
+  assert.is(fs.existsSync(`${createDir}/bad.img`), false);
 });
 
 test.run();
