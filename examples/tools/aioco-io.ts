@@ -1,30 +1,37 @@
 /**
  * aioco-io: QEMU 7.2's qemu-io on aioco's block layer (qemu-block.md section 4).
  *
- *   aioco-io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-d DISCARD] [--image-opts] [-c CMD]... [file]
+ *   aioco-io [-f FMT] [-r] [-n] [-m] [-k] [-U] [-t CACHE] [-i AIO] [-d DISCARD] [--image-opts]
+ *            [-c CMD]... [file]
  *
- * Runs under effection's main() (Ctrl-C halts it; the backend is drained and closed on the way
- * out). Each command waits only for its own request; between commands the tool returns to
- * Node's loop. Drivers: every module in examples/drivers/ is imported first (each registers
- * itself on import or through its exported `bdrv_<name>_init`), then the modules listed in
- * AIOCO_IO_PRELOAD (comma-separated paths).
+ * Refused with an error naming them (aioco lacks what they need): -s/--snapshot,
+ * -C/--copy-on-read, -T/--trace, --object. Runs under effection's main() (Ctrl-C halts it; the
+ * backend is drained and closed on the way out). Each command waits only for its own request;
+ * between commands the tool returns to Node's loop. stdout is buffered the way C stdio buffers
+ * qemu-io's (`StdoutBuffer`), so what a crash (`abort`) loses is lost here too. Drivers: every
+ * module in examples/drivers/ is imported first (each registers itself on import or through its
+ * exported `bdrv_<name>_init`), then the modules listed in AIOCO_IO_PRELOAD (comma-separated paths).
  */
 import { exit, main, sleep, until, type Operation } from 'effection';
-import { readdirSync } from 'node:fs';
-import { createInterface } from 'node:readline';
+import { fstatSync, readdirSync } from 'node:fs';
+import { isatty } from 'node:tty';
 import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { match } from 'ts-pattern';
-import { BDRV_O_NOCACHE, BDRV_O_NATIVE_AIO, BDRV_O_RDWR, BDRV_O_UNMAP, blk_drain, blk_unref } from '../../src/index.ts';
+import { BDRV_O_NOCACHE, BDRV_O_NATIVE_AIO, BDRV_O_RDWR, BDRV_O_UNMAP, aio_poll, blk_drain, blk_get_aio_context, blk_unref, error_set_progname } from '../../src/index.ts';
 import { USAGE } from './qemu-io-help.ts';
+import '../drivers/qcow2/qcow2.ts';
 import {
+  UNSUPPORTED_WHY,
   error_report,
   openfile,
+  opts_warning,
   parse_aio,
   parse_cache_mode,
   parse_discard,
   parse_opts,
   qemuio_command,
+  unsupported_option,
   type OpenSettings,
   type QemuIo,
 } from './qemu-io-cmds.ts';
@@ -54,6 +61,8 @@ interface Invocation {
   format: string | null;
   imageOpts: boolean;
   readonly: boolean;
+  /** `-m`. */
+  misalign: boolean;
   settings: OpenSettings;
   file: string | null;
 }
@@ -88,6 +97,7 @@ export function parseInvocation(args: readonly string[], io: QemuIo): Outcome {
     format: null,
     imageOpts: false,
     readonly: false,
+    misalign: false,
     settings: { flags: BDRV_O_UNMAP, writethrough: true },
     file: null,
   };
@@ -158,7 +168,12 @@ export function parseInvocation(args: readonly string[], io: QemuIo): Outcome {
       .with('I', () => ((inv.imageOpts = true), null))
       .with('n', () => ((inv.settings.flags |= BDRV_O_NOCACHE), (inv.settings.writethrough = false), null))
       .with('k', () => ((inv.settings.flags |= BDRV_O_NATIVE_AIO), null))
-      .with('s', 'C', 'm', 'U', 'T', 'O', () => null)
+      .with('m', () => ((inv.misalign = true), null))
+      .with('U', () => ((inv.settings.force_share = true), null))
+      .with('s', (): Outcome => (unsupported_option(io, '-s/--snapshot', UNSUPPORTED_WHY.snapshot), { kind: 'exit', status: 1 }))
+      .with('C', (): Outcome => (unsupported_option(io, '-C/--copy-on-read', UNSUPPORTED_WHY.copy_on_read), { kind: 'exit', status: 1 }))
+      .with('T', (): Outcome => (unsupported_option(io, '-T/--trace', UNSUPPORTED_WHY.trace), { kind: 'exit', status: 1 }))
+      .with('O', (): Outcome => (unsupported_option(io, '--object', UNSUPPORTED_WHY.object), { kind: 'exit', status: 1 }))
       .with('d', (): Outcome | null => {
         if (parse_discard(o.arg!, inv.settings)) return null;
         error_report(io, `Invalid discard option: ${o.arg}`);
@@ -190,20 +205,121 @@ export function parseInvocation(args: readonly string[], io: QemuIo): Outcome {
   return { kind: 'run', inv };
 }
 
-/** Reads stdin lines with qemu-io's prompt (`qemu-io> `) until EOF or `quit`. */
+/** qemu-io's line buffer for stdin without a terminal (`fetchline_fgets`: MAXREADLINESZ 1024). */
+const MAXREADLINESZ = 1024;
+
+/**
+ * The lines `fgets(line, 1024, stdin)` returns one after another: a line's `\n` is removed and
+ * nothing else (`\r` and tabs stay, so `length\r` is an unknown command), a longer line comes
+ * in pieces of 1023 bytes, and a last line without `\n` still counts.
+ */
+export async function* fgets_lines(input: AsyncIterable<Buffer | string>): AsyncGenerator<string, void, void> {
+  let buf = Buffer.alloc(0);
+  const max = MAXREADLINESZ - 1;
+  for await (const chunk of input) {
+    buf = Buffer.concat([buf, typeof chunk === 'string' ? Buffer.from(chunk) : chunk]);
+    for (;;) {
+      const nl = buf.indexOf(0x0a);
+      if (nl >= 0 && nl < max) {
+        yield buf.subarray(0, nl).toString('utf8');
+        buf = buf.subarray(nl + 1);
+      } else if (buf.length >= max) {
+        yield buf.subarray(0, max).toString('utf8');
+        buf = buf.subarray(max);
+      } else break;
+    }
+  }
+  if (buf.length > 0) yield buf.toString('utf8');
+}
+
+/**
+ * Waits for the next line. qemu-io waits in `main_loop_wait`, so requests in flight complete and
+ * print meanwhile: while the backend has some, its context is polled every few milliseconds.
+ */
+export function* next_line(io: QemuIo, it: AsyncIterator<string>): Operation<IteratorResult<string>> {
+  const p = it.next();
+  let res: IteratorResult<string> | null = null;
+  void p.then((r) => void (res = r), () => {});
+  for (;;) {
+    if (io.blk) while (aio_poll(blk_get_aio_context(io.blk), false)) {}
+    if (res !== null || !io.blk || io.blk.in_flight === 0) return yield* until(p);
+    yield* sleep(5);
+  }
+}
+
+/**
+ * qemu-io's `command_loop` without a terminal: the prompt `qemu-io> ` (stdout flushed after it),
+ * one command per line, until EOF (no newline then) or `quit`.
+ */
 function* interactive(io: QemuIo, status: { failed: boolean }): Operation<void> {
-  const rl = createInterface({ input: process.stdin, terminal: false });
-  const it = rl[Symbol.asyncIterator]();
+  const it = fgets_lines(process.stdin)[Symbol.asyncIterator]();
   try {
     for (;;) {
       io.out('qemu-io> ');
-      const r = yield* until(it.next());
+      io.flush?.();
+      const r = yield* next_line(io, it);
       if (r.done) break;
       if ((yield* qemuio_command(io, r.value)) < 0) status.failed = true;
       if (io.quit) break;
     }
   } finally {
-    rl.close();
+    // After `quit` the rest of stdin stays unread, as in qemu-io.
+    process.stdin.destroy();
+  }
+}
+
+/**
+ * C stdio's buffering of stdout (glibc), which decides what a crash loses and how stdout and
+ * stderr interleave in one pipe: to a terminal each write goes out at once (line buffering,
+ * approximated), to anything else it is buffered in st_blksize bytes (BUFSIZ, 8192, at most),
+ * and a write that overflows the buffer sends out the full buffer and then whole blocks of the
+ * rest (`_IO_new_file_xsputn`). stderr is unbuffered. Surprise: glibc sees each printf piece,
+ * this sees each `out()` string, so the block boundaries can differ by a piece.
+ */
+export class StdoutBuffer {
+  private buf: Buffer;
+  private used = 0;
+  /** `size` 0: unbuffered. */
+  constructor(private readonly write: (b: Buffer) => void, private readonly size: number) {
+    this.buf = Buffer.alloc(size);
+  }
+  /** The buffering glibc gives file descriptor `fd`: 0 (unbuffered) for a terminal, else the size. */
+  static sizeFor(fd: number): number {
+    if (isatty(fd)) return 0;
+    let blksize = 0;
+    try {
+      blksize = Number(fstatSync(fd).blksize);
+    } catch {
+      blksize = 0;
+    }
+    return blksize > 0 && blksize < 8192 ? blksize : 8192;
+  }
+  out(s: string | Uint8Array): void {
+    let data = typeof s === 'string' ? Buffer.from(s, 'utf8') : Buffer.from(s.buffer, s.byteOffset, s.byteLength);
+    if (this.size === 0) {
+      if (data.length) this.write(data);
+      return;
+    }
+    const n = Math.min(this.size - this.used, data.length);
+    data.copy(this.buf, this.used, 0, n);
+    this.used += n;
+    data = data.subarray(n);
+    if (data.length === 0) return;
+    this.flush();
+    const direct = data.length - (data.length % this.size);
+    if (direct) this.write(Buffer.from(data.subarray(0, direct)));
+    data.copy(this.buf, 0, direct);
+    this.used = data.length - direct;
+  }
+  /** C's fflush(stdout). */
+  flush(): void {
+    if (this.used === 0) return;
+    this.write(Buffer.from(this.buf.subarray(0, this.used)));
+    this.used = 0;
+  }
+  /** What a death without exit() does to the buffer. */
+  discard(): void {
+    this.used = 0;
   }
 }
 
@@ -212,12 +328,14 @@ export function* aiocoIo(args: readonly string[], io: QemuIo): Operation<number>
   const p = parseInvocation(args, io);
   if (p.kind === 'exit') return p.status;
   const inv = p.inv;
+  io.misalign = inv.misalign;
+  io.imageOpts = inv.imageOpts;
   try {
     if (inv.file !== null) {
       let opts: Record<string, unknown> = {};
       let name: string | null = inv.file;
       if (inv.imageOpts) {
-        opts = parse_opts(inv.file);
+        opts = parse_opts(inv.file, undefined, opts_warning(io));
         name = null;
       } else if (inv.format !== null) {
         opts = { driver: inv.format };
@@ -248,15 +366,34 @@ export function* aiocoIo(args: readonly string[], io: QemuIo): Operation<number>
 
 /** Runs the tool on process.argv under effection's main(). */
 export async function runMain(): Promise<void> {
+  // Drivers' error_report/warn_report lines carry qemu-io's name, as QEMU's do.
+  error_set_progname('qemu-io');
   await loadDrivers();
+  const write = process.stdout.write.bind(process.stdout) as (b: Uint8Array) => boolean;
+  const stdout = new StdoutBuffer((b) => void write(b), StdoutBuffer.sizeFor(1));
+  // Drivers print on process.stdout too (blkdebug's "Suspended request"), as QEMU's printf into
+  // the same C FILE: one buffer for everything, or the order of the lines would change.
+  process.stdout.write = ((chunk: string | Uint8Array, enc?: unknown, cb?: unknown): boolean => {
+    stdout.out(chunk);
+    const done = typeof enc === 'function' ? enc : cb;
+    if (typeof done === 'function') queueMicrotask(() => (done as () => void)());
+    return true;
+  }) as typeof process.stdout.write;
   await main(function* () {
     const io: QemuIo = {
       blk: null,
       quit: false,
-      out: (s) => void process.stdout.write(s),
+      out: (s) => stdout.out(s),
       err: (s) => void process.stderr.write(s),
+      flush: () => stdout.flush(),
+      drop_stdout: () => stdout.discard(),
     };
-    const status = yield* aiocoIo(process.argv.slice(2), io);
+    let status = 1;
+    try {
+      status = yield* aiocoIo(process.argv.slice(2), io);
+    } finally {
+      stdout.flush();
+    }
     yield* exit(status);
   });
 }

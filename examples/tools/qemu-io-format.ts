@@ -49,9 +49,24 @@ export function cvtnumErr(e: CvtErr, arg: string): string {
     .exhaustive();
 }
 
-/** C's `%f` (6 decimals) / `%.3f`. */
+/**
+ * C's `%.<d>f`: like toFixed, but an exact tie rounds to even as glibc does (3.125 -> "3.12"),
+ * where JavaScript rounds it up.
+ */
+export function c_fixed(v: number, d: number): string {
+  const r = v.toFixed(d);
+  if (!Number.isFinite(v)) return r;
+  const long = Math.abs(v).toFixed(Math.min(100, d + 25));
+  const tail = long.slice(long.indexOf('.') + 1 + d);
+  if (!/^50*$/.test(tail)) return r;
+  const down = (Math.sign(v) * (Math.floor(Math.abs(v) * 10 ** d) / 10 ** d)).toFixed(d);
+  const last = Number(down[down.length - 1]);
+  return last % 2 === 0 ? down : r;
+}
+
+/** C's `%f` (6 decimals) / `%.3f`, glibc's rounding. */
 function fixed(v: number, d: number): string {
-  return v.toFixed(d);
+  return c_fixed(v, d);
 }
 
 /** qemu-io's `cvtstr`: `64 KiB`, `63.938 MiB`, `32 bytes`, `54.154901 bytes`. */
@@ -103,7 +118,7 @@ function tdiv(value: number, ns: bigint): number {
 function cfloat(v: number, d: number): string {
   if (Number.isNaN(v)) return '-nan';
   if (!Number.isFinite(v)) return v > 0 ? 'inf' : '-inf';
-  return v.toFixed(d);
+  return c_fixed(v, d);
 }
 
 /** qemu-io's `print_report`: the two statistics lines, or the `-C` line. */
