@@ -10,7 +10,8 @@
  * Files (under .bench-data/, created once): reads use the thread-pool benchmark's 1 GiB file
  * (every 4 KiB block filled with one byte derived from its index, so each read is checked;
  * BENCH_TP_FILE overrides it), writes a second 1 GiB file (BENCH_BLOCK_WFILE) so the read
- * file stays intact. Both are read through once per run to keep them in the page cache.
+ * file stays intact. Both are read through once per run to keep them in the page cache (only
+ * when a figure uses them: null-co figures alone, e.g. BENCH_BLOCK_ONLY='^null', start at once).
  *
  * aioco figures run continuously (the pipeline is never drained between slices): a warm-up,
  * then BENCH_BLOCK_SLICES (default 3) slices of BENCH_BLOCK_SLICE_MS (default 700) ms, driven
@@ -57,7 +58,7 @@ import { threadPoolWorkerCount } from '../src/aio/thread-pool.ts';
 import '../examples/drivers/file.ts';
 import '../examples/drivers/raw.ts';
 import '../examples/drivers/null.ts';
-import { formatTable, median } from './harness.ts';
+import { formatTable } from './harness.ts';
 import {
   BLOCK,
   BLOCKS,
@@ -115,7 +116,6 @@ import {
   makeRandom as makeRandomIn,
   sampleBlocking as sampleBlockingFor,
   sampleAsync as sampleAsyncFor,
-  type CpuSnapshot,
   type Rate,
   type Sampler,
 } from './sampling.ts';
@@ -341,7 +341,9 @@ export async function runBlockBench(opts: { log?: (msg: string) => void } = {}):
   const log = opts.log ?? (() => {});
   const t0 = Date.now();
   const cpu0 = cpuSnapshot();
-  const files = prepareFiles(log);
+  // The 1 GiB files only when a figure uses them: null-co figures alone start at once.
+  let prepared: { rfile: string; wfile: string } | null = null;
+  const filesFor = (needed: boolean) => (needed ? (prepared ??= prepareFiles(log)) : { rfile: '', wfile: '' });
   const m = new Map<string, Rate>();
   const unavailable = new Map<string, string>();
   const put = (id: string, r: Rate | string) => {
@@ -357,7 +359,7 @@ export async function runBlockBench(opts: { log?: (msg: string) => void } = {}):
     for (const write of [false, true]) {
       for (const depth of [1, DEPTH]) {
         if (!wanted(`${target}.${write ? 'w' : 'r'}.${depth}`)) continue;
-        const r = benchPipeBlocking(target, write, depth, files);
+        const r = benchPipeBlocking(target, write, depth, filesFor(target !== 'null'));
         log(`${r.label}: ${fmtRate(r.median)}/s`);
         put(r.id, r);
       }
@@ -365,7 +367,7 @@ export async function runBlockBench(opts: { log?: (msg: string) => void } = {}):
   }
   for (const target of ['file', 'null'] as const) {
     if (!wanted(`${target}.r.${DEPTH}.host`)) continue;
-    const r = await benchPipeHost(target, false, DEPTH, files);
+    const r = await benchPipeHost(target, false, DEPTH, filesFor(target !== 'null'));
     log(`${r.label}: ${fmtRate(r.median)}/s`);
     put(r.id, r);
   }
@@ -380,7 +382,7 @@ export async function runBlockBench(opts: { log?: (msg: string) => void } = {}):
           if (!wanted(id)) continue;
           const what = kind === 'null' ? 'null-co' : `-f raw -t writeback -i ${kind}`;
           const label = `qemu-img bench ${what}, ${write ? 'write' : 'read'}, QD${depth}`;
-          const r = benchQemuImg(id, label, qemuImgArgs(kind, write, depth, files));
+          const r = benchQemuImg(id, label, qemuImgArgs(kind, write, depth, filesFor(kind !== 'null')));
           log(`${label}: ${typeof r === 'string' ? r : `${fmtRate(r.median)}/s`}`);
           put(id, r);
           qemuIds.push(id);

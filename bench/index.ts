@@ -9,7 +9,8 @@
  * (default 15) sets the number of timed runs per case, BENCH_QUIET=1 hides progress,
  * BENCH_VERBOSE=1 also prints every run's ns/op. The thread-pool section follows
  * (bench/thread-pool.ts, ~45 s; BENCH_THREAD_POOL=0 skips it), then the block-layer section
- * (bench/block.ts, ~80 s; BENCH_BLOCK=0 skips it).
+ * (bench/block.ts, ~80 s; BENCH_BLOCK=0 skips it), then qcow2 against qemu-img (bench/qcow2.ts;
+ * BENCH_QCOW2=0 skips it).
  */
 import os from 'node:os';
 import { coroutineCases } from './coroutine.ts';
@@ -17,6 +18,7 @@ import { bhCases } from './bh.ts';
 import { evaluate, fmtNs, formatResults, runCases, type Check } from './harness.ts';
 import { runThreadPoolBench } from './thread-pool.ts';
 import { runBlockBench } from './block.ts';
+import { runQcow2Bench } from './qcow2.ts';
 
 const checks: Check[] = [
   // The references themselves, against the base unit.
@@ -81,6 +83,9 @@ async function main(): Promise<void> {
   }
   if (process.env.BENCH_BLOCK !== '0') {
     await runBlockBench(quiet ? {} : { log: (msg: string) => process.stderr.write(`  ${msg}\n`) });
+  }
+  if (process.env.BENCH_QCOW2 !== '0') {
+    await runQcow2Bench(quiet ? {} : { log: (msg: string) => process.stderr.write(`  ${msg}\n`) });
   }
 }
 

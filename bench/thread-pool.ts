@@ -39,13 +39,12 @@ import {
   type ThreadPool,
 } from '../src/index.ts';
 import { threadPoolWorkerCount } from '../src/aio/thread-pool.ts';
-import { formatTable, median } from './harness.ts';
+import { formatTable } from './harness.ts';
 import {
   BLOCK,
   BLOCKS,
   blockByte,
   DEPTH,
-  FILE_SIZE,
   createFile,
   envNumber,
   fail,
@@ -80,7 +79,6 @@ import {
   makeRandom as makeRandomIn,
   sampleBlocking as sampleBlockingFor,
   sampleAsync as sampleAsyncFor,
-  type CpuSnapshot,
   type Rate,
   type Sampler,
 } from './sampling.ts';
