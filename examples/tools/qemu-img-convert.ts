@@ -91,6 +91,9 @@ export const BLK_BACKING_FILE = 2;
 
 /** Whether `buf[start, start + len)` is all zero. QEMU: `buffer_is_zero`. */
 export function buffer_is_zero(buf: Uint8Array, start: number, len: number): boolean {
+  if (len === 0) return true;
+  // Data usually shows at either end: answer before making a word view (one allocation per sector).
+  if (buf[start] !== 0 || buf[start + len - 1] !== 0) return false;
   let i = start;
   const end = start + len;
   const abs = buf.byteOffset + i;
