@@ -255,9 +255,9 @@ function* bdrv_driver_preadv_slow(
   qiov_offset: number,
   flags: number,
 ): CoroutineFn<number> {
+  // bdrv_driver_preadv already handed any bdrv_co_preadv_part driver its own generator.
   const drv = bs.drv;
   if (!drv) return -ENOMEDIUM;
-  if (drv.bdrv_co_preadv_part) return yield* drv.bdrv_co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags);
   let q = qiov;
   if (qiov_offset > 0 || bytes !== qiov.size) {
     q = new QEMUIOVector();

@@ -59,6 +59,7 @@ import {
   has_subclusters,
   l2_entry_size,
   qcow2_get_cluster_type,
+  qcow2_parse_compressed_l2_entry,
 } from './qcow2-state.ts';
 import {
   qcow2_cache_discard,
@@ -829,13 +830,6 @@ export function* qcow2_free_clusters(bs: BlockDriverState, offset: number, size:
   if (ret < 0) stderr_print(`qcow2_free_clusters failed: ${strerror(-ret)}\n`);
 }
 
-/** Host offset and byte count of a compressed L2 entry (QEMU: `qcow2_parse_compressed_l2_entry`). */
-function parse_compressed_l2_entry(s: BDRVQcow2State, l2_entry: bigint): { coffset: number; csize: number } {
-  const coffset = Number(l2_entry & s.cluster_offset_mask);
-  const nb_csectors = Number((l2_entry >> BigInt(s.csize_shift)) & BigInt(s.csize_mask)) + 1;
-  return { coffset, csize: nb_csectors * 512 - (coffset % 512) };
-}
-
 /**
  * Frees the host space an L2 entry points to, whatever its type (compressed: its bytes; normal
  * or preallocated zero: its cluster; others: nothing). QEMU: `qcow2_free_any_cluster`. An
@@ -845,7 +839,7 @@ export function* qcow2_free_any_cluster(bs: BlockDriverState, l2_entry: bigint, 
   const s = bs.opaque as BDRVQcow2State;
   switch (qcow2_get_cluster_type(s, l2_entry)) {
     case QCow2ClusterType.COMPRESSED: {
-      const { coffset, csize } = parse_compressed_l2_entry(s, l2_entry);
+      const { coffset, csize } = qcow2_parse_compressed_l2_entry(s, l2_entry);
       yield* qcow2_free_clusters(bs, coffset, csize, type);
       break;
     }
@@ -1146,7 +1140,7 @@ function* check_refcounts_l2(
           res.corruptions++;
           break;
         }
-        const { coffset, csize } = parse_compressed_l2_entry(s, l2_entry);
+        const { coffset, csize } = qcow2_parse_compressed_l2_entry(s, l2_entry);
         ret = qcow2_inc_refcounts_imrt(bs, res, imrt, coffset, csize);
         if (ret < 0) return ret;
         if (flags & CHECK_FRAG_INFO) {

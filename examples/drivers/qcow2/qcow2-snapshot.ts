@@ -19,7 +19,7 @@ import {
 } from '../../../src/index.ts';
 import type { BdrvCheckResult, BlockDriverState, CoroutineFn } from '../../../src/index.ts';
 import type { BDRVQcow2State, QCowSnapshot } from './qcow2-state.ts';
-import { L1E_OFFSET_MASK, QCOW2_DISCARD_ALWAYS, QCOW2_DISCARD_SNAPSHOT, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOT_EXTRA_DATA } from './qcow2-state.ts';
+import { L1E_OFFSET_MASK, qcow2_validate_table, QCOW2_DISCARD_ALWAYS, QCOW2_DISCARD_SNAPSHOT, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOT_EXTRA_DATA } from './qcow2-state.ts';
 import { qcow2_alloc_clusters, qcow2_error_report, qcow2_free_clusters, qcow2_pre_write_overlap_check } from './qcow2-refcount.ts';
 
 /** Bytes of the fixed part of a snapshot table entry. QEMU: sizeof(QCowSnapshotHeader). */
@@ -32,31 +32,6 @@ export const QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS;
 const INACTIVE_L2_SCAN_LIMIT = 32 * 1024 * 1024;
 
 const TWO32 = 4294967296;
-
-/**
- * Checks a table's entry count and offset. QEMU: `qcow2_validate_table` (block/qcow2.c).
- * Returns 0, or -EFBIG ("<name> too large") / -EINVAL ("<name> offset invalid") with the
- * message in `err.msg`.
- */
-export function qcow2_snapshot_validate_table(
-  s: BDRVQcow2State,
-  offset: number,
-  entries: number,
-  entry_len: number,
-  max_size_bytes: number,
-  table_name: string,
-  err: { msg: string },
-): number {
-  if (entries > max_size_bytes / entry_len) {
-    err.msg = `${table_name} too large`;
-    return -EFBIG;
-  }
-  if (Number.MAX_SAFE_INTEGER - entries * entry_len < offset || offset % s.cluster_size !== 0) {
-    err.msg = `${table_name} offset invalid`;
-    return -EINVAL;
-  }
-  return 0;
-}
 
 /** Forgets the snapshot list. QEMU: `qcow2_free_snapshots`. */
 export function qcow2_free_snapshots(bs: BlockDriverState): void {
@@ -355,7 +330,7 @@ export function* qcow2_check_read_snapshot_table(bs: BlockDriverState, result: B
   }
 
   const err = { msg: '' };
-  ret = qcow2_snapshot_validate_table(
+  ret = qcow2_validate_table(
     s,
     s.snapshots_offset,
     s.nb_snapshots,

@@ -10,7 +10,7 @@
  * - Refcount table entries are numbers (Float64Array); refcounts are numbers (a refcount above
  *   2^53 - 1 cannot be represented and is treated as the maximum).
  */
-import type { CoMutex, CoQueue } from '../../../src/index.ts';
+import { EFBIG, EINVAL, type CoMutex, type CoQueue } from '../../../src/index.ts';
 import type { Qcow2Cache } from './qcow2-cache.ts';
 
 export const QCOW_MAGIC = 0x514649fb; // 'Q' 'F' 'I' 0xfb
@@ -482,4 +482,39 @@ export interface BDRVQcow2State {
    * Null when not loaded (too large to keep).
    */
   inactive_l2_offsets?: Set<number> | null;
+}
+
+/**
+ * Checks a table's entry count and offset before anything is allocated for it. QEMU:
+ * `qcow2_validate_table`. Returns 0, or -EFBIG ("<name> too large") / -EINVAL ("<name> offset
+ * invalid") with the message in `err.msg` (QEMU's errp): open throws it, check reports it.
+ */
+export function qcow2_validate_table(
+  s: BDRVQcow2State,
+  offset: number,
+  entries: number,
+  entry_len: number,
+  max_size_bytes: number,
+  table_name: string,
+  err: { msg: string },
+): number {
+  if (entries > max_size_bytes / entry_len) {
+    err.msg = `${table_name} too large`;
+    return -EFBIG;
+  }
+  if (Number.MAX_SAFE_INTEGER - entries * entry_len < offset || offset % s.cluster_size !== 0) {
+    err.msg = `${table_name} offset invalid`;
+    return -EINVAL;
+  }
+  return 0;
+}
+
+/**
+ * Host offset and byte count of a compressed L2 entry; the count runs from `coffset` to the end
+ * of its last 512-byte sector. QEMU: `qcow2_parse_compressed_l2_entry`.
+ */
+export function qcow2_parse_compressed_l2_entry(s: BDRVQcow2State, l2_entry: bigint): { coffset: number; csize: number } {
+  const coffset = Number(l2_entry & s.cluster_offset_mask);
+  const nb_csectors = Number((l2_entry >> BigInt(s.csize_shift)) & BigInt(s.csize_mask)) + 1;
+  return { coffset, csize: nb_csectors * 512 - (coffset % 512) };
 }

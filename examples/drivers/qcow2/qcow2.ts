@@ -144,6 +144,8 @@ import {
   type BDRVQcow2State,
   type QCowL2Meta,
   type Qcow2UnknownHeaderExtension,
+  qcow2_parse_compressed_l2_entry,
+  qcow2_validate_table,
 } from './qcow2-state.ts';
 import { qcow2_cache_create, qcow2_cache_destroy, qcow2_cache_flush, qcow2_cache_write } from './qcow2-cache.ts';
 import {
@@ -729,12 +731,10 @@ function* qcow2_update_options(bs: BlockDriverState, options: Record<string, unk
   for (const k of QCOW2_RUNTIME_OPTS) delete options[k];
 }
 
-/** QEMU: `qcow2_validate_table`; throws "<name> too large" / "<name> offset invalid". */
-function qcow2_validate_table(s: BDRVQcow2State, offset: number, entries: number, entry_len: number, max_size_bytes: number, table_name: string): void {
-  if (entries > max_size_bytes / entry_len) throw new QemuError(`${table_name} too large`);
-  if (Number.MAX_SAFE_INTEGER - entries * entry_len < offset || offset_into_cluster(s, offset) !== 0) {
-    throw new QemuError(`${table_name} offset invalid`);
-  }
+/** `qcow2_validate_table` at open: its message becomes the QemuError open fails with. */
+function validate_table_or_throw(s: BDRVQcow2State, offset: number, entries: number, entry_len: number, max_size_bytes: number, table_name: string): void {
+  const err = { msg: '' };
+  if (qcow2_validate_table(s, offset, entries, entry_len, max_size_bytes, table_name, err) < 0) throw new QemuError(err.msg);
 }
 
 function new_state(): BDRVQcow2State {
@@ -921,11 +921,11 @@ export function* qcow2_do_open(bs: BlockDriverState, options: Record<string, unk
   s.refcount_table_offset = refcount_table_offset;
   s.refcount_table_size = refcount_table_clusters * (s.cluster_size / 8);
   if (refcount_table_clusters === 0 && !(flags & BDRV_O_CHECK)) throw new QemuError('Image does not contain a reference count table');
-  qcow2_validate_table(s, refcount_table_offset, refcount_table_clusters, s.cluster_size, QCOW_MAX_REFTABLE_SIZE, 'Reference count table');
+  validate_table_or_throw(s, refcount_table_offset, refcount_table_clusters, s.cluster_size, QCOW_MAX_REFTABLE_SIZE, 'Reference count table');
   if (!(flags & BDRV_O_CHECK)) {
-    qcow2_validate_table(s, snapshots_offset, nb_snapshots, QCOW_SNAPSHOT_HEADER_SIZE, QCOW_SNAPSHOT_HEADER_SIZE * QCOW_MAX_SNAPSHOTS, 'Snapshot table');
+    validate_table_or_throw(s, snapshots_offset, nb_snapshots, QCOW_SNAPSHOT_HEADER_SIZE, QCOW_SNAPSHOT_HEADER_SIZE * QCOW_MAX_SNAPSHOTS, 'Snapshot table');
   }
-  qcow2_validate_table(s, l1_table_offset, l1_size, L1E_SIZE, QCOW_MAX_L1_SIZE, 'Active L1 table');
+  validate_table_or_throw(s, l1_table_offset, l1_size, L1E_SIZE, QCOW_MAX_L1_SIZE, 'Active L1 table');
   s.l1_size = l1_size;
   s.l1_table_offset = l1_table_offset;
   if (size > Number.MAX_SAFE_INTEGER) throw new QemuError('Image is too big');
@@ -1248,9 +1248,7 @@ function* qcow2_co_preadv_compressed(
   qiov_offset: number,
 ): CoroutineFn<number> {
   const s = bs.opaque as BDRVQcow2State;
-  const coffset = Number(l2_entry & s.cluster_offset_mask);
-  const nb_csectors = Number((l2_entry >> BigInt(s.csize_shift)) & BigInt(s.csize_mask)) + 1;
-  const csize = nb_csectors * 512 - (coffset & 511);
+  const { coffset, csize } = qcow2_parse_compressed_l2_entry(s, l2_entry);
   const offset_in_cluster = offset_into_cluster(s, offset);
   const buf = qemu_blockalign(bs.file!.bs, csize);
   const out_buf = qemu_blockalign(bs, s.cluster_size);
